@@ -185,6 +185,7 @@ def posed_skeleton(
       (shaped mesh vertices (V, 3), local rotations (J, 3, 3), posed joints
       (J, 3), skinning transforms (J, 3, 4)).
     """
+    shape, expression, pose = (jnp.asarray(a) for a in (shape, expression, pose))
     if pose.shape != (model.num_joints, 3):
         raise ValueError(
             f"pose must have shape ({model.num_joints}, 3) (axis-angle per joint), got {pose.shape}"

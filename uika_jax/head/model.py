@@ -149,6 +149,8 @@ def validate_head_model(model: HeadModel, origin: str) -> HeadModel:
             raise ValueError(f"{origin}: {name} contains NaN or infinite values")
     if V <= 0:
         raise ValueError(f"{origin}: v_template has no vertices")
+    if model.faces.size == 0:
+        raise ValueError(f"{origin}: faces is empty")
     if model.faces.min() < 0 or model.faces.max() >= V:
         raise ValueError(f"{origin}: faces index outside [0, {V})")
     if model.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(model.parents[1:], 1)):
