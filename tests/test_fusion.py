@@ -1,0 +1,195 @@
+"""Tests for the dual encoder (frozen shared ViT + per-stream fusion CNNs)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from uika_jax.models.frozen import FrozenParam
+from uika_jax.models.fusion import DualEncoder, FusionConfig
+from uika_jax.models.vit import ViTConfig
+
+VIT = ViTConfig(
+    family="dinov3",
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    mlp_dim=64,
+    patch_size=16,
+    num_register_tokens=1,
+)
+FUSION = FusionConfig(dim=24)
+IMAGE = 32  # 2 x 2 screen patches
+UV = 48  # 3 x 3 UV patches
+UV_IN = 40  # reprojected map side, resized to UV
+
+
+def _rngs():
+    # rbg keys: random init compiles per weight shape, and threefry costs ~2.5x the CPU time.
+    return nnx.Rngs(jax.random.key(0, impl="rbg"))
+
+
+def _encoder(**kw):
+    return DualEncoder(VIT, FUSION, image_size=IMAGE, uv_size=UV, rngs=_rngs(), **kw)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return _encoder()
+
+
+def _inputs(seed, b, n, uv_side=UV_IN):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    images = jax.random.uniform(k1, (b, n, IMAGE, IMAGE, 3))
+    uv_maps = jax.random.uniform(k2, (b, n, uv_side, uv_side, 3))
+    return images, uv_maps
+
+
+def _loss(out):
+    return jnp.sum(out.f_s**2) + jnp.sum(out.f_uv * jnp.sin(out.f_uv))
+
+
+def test_default_taps_and_config_errors():
+    assert FUSION.taps(2) == (0, 1)
+    assert FUSION.taps(12) == (2, 5, 8, 11)
+    assert FusionConfig(dim=8, layers=(0, -1)).taps(12) == (0, 11)
+    with pytest.raises(ValueError, match="out of range"):
+        FusionConfig(dim=8, layers=(12,)).taps(12)
+    with pytest.raises(ValueError, match="patch"):
+        DualEncoder(VIT, FUSION, image_size=30, uv_size=UV, rngs=_rngs())
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_shapes_and_view_masks(encoder, n):
+    images, uv_maps = _inputs(n, 2, n)
+    view_mask = np.ones((2, n), bool)
+    view_mask[1, -1] = False  # with n = 1, a sample without any valid view
+    uv_at_size = jax.image.resize(uv_maps, (2, n, UV, UV, 3), "linear")
+    # a UV map given at the ViT side is used as is
+    out, same = nnx.jit(lambda m, a, b, c, v: (m(a, b, v), m(a, c, v)))(
+        encoder, images, uv_maps, uv_at_size, view_mask
+    )
+    p, p_uv = (IMAGE // 16) ** 2, (UV // 16) ** 2
+    assert out.screen.shape == (2, n, p, 24) and out.uv.shape == (2, n, p_uv, 24)
+    assert out.f_s.shape == (2, n * p, 24) and out.f_uv.shape == (2, n * p_uv, 24)
+    assert out.screen_mask.shape == (2, n * p) and out.uv_mask.shape == (2, n * p_uv)
+    np.testing.assert_array_equal(out.screen_mask, np.repeat(view_mask, p, axis=1))
+    np.testing.assert_array_equal(out.uv_mask, np.repeat(view_mask, p_uv, axis=1))
+    for tokens, mask in ((out.f_s, out.screen_mask), (out.f_uv, out.uv_mask)):
+        assert np.all(np.asarray(tokens)[~np.asarray(mask)] == 0.0)
+        assert np.all(np.abs(np.asarray(tokens)[np.asarray(mask)]).sum(-1) > 0)
+    assert out.f_s.dtype == out.f_uv.dtype == jnp.float32
+    assert same.f_uv.shape == out.f_uv.shape
+
+
+def test_padded_views_change_no_valid_token(encoder):
+    images, uv_maps = _inputs(7, 2, 3)
+    view_mask = jnp.array([[True, False, True], [True, True, False]])
+    fn = nnx.jit(lambda m, *a: m(*a))
+    out = fn(encoder, images, uv_maps, view_mask)
+    garbage = jnp.where(~view_mask[:, :, None, None, None], jnp.nan, images)
+    uv_garbage = jnp.where(~view_mask[:, :, None, None, None], 5.0, uv_maps)
+    other = fn(encoder, garbage, uv_garbage, view_mask)
+    np.testing.assert_array_equal(np.asarray(out.f_s), np.asarray(other.f_s))
+    np.testing.assert_array_equal(np.asarray(out.f_uv), np.asarray(other.f_uv))
+    # changing a valid view changes its own tokens only
+    moved = fn(encoder, images.at[0, 2].multiply(0.5), uv_maps, view_mask)
+    diff = np.abs(np.asarray(moved.screen - out.screen)).max(axis=(2, 3))
+    assert diff[0, 2] > 0 and np.all(np.delete(diff.reshape(-1), 2) == 0)
+    # and NaN in a padded view never reaches a gradient
+    grads = nnx.jit(nnx.grad(lambda m: _loss(m(garbage, uv_garbage, view_mask))))(encoder)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_separate_stream_weights_and_logical_axes(encoder):
+    params = nnx.state(encoder, nnx.Param)
+    frozen = nnx.state(encoder, FrozenParam)
+    paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(params)}
+    assert paths and not any(p.startswith("vit") for p in paths)
+    assert {p.split("/")[0] for p in paths} == {"screen_cnn", "uv_cnn"}
+    assert len(jax.tree.leaves(frozen)) > 0
+    assert all(str(p[0]) == "vit" for p, _ in nnx.to_flat_state(frozen))
+    for path, var in nnx.to_flat_state(params):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var[...].ndim, path
+    s, u = encoder.screen_cnn, encoder.uv_cnn
+    assert s.mix.kernel is not u.mix.kernel
+    assert not np.array_equal(s.mix.kernel[...], u.mix.kernel[...])
+
+
+def test_optimizer_holds_no_vit_leaves(encoder):
+    opt = nnx.Optimizer(encoder, optax.adam(1e-3), wrt=nnx.Param)
+    n_params = len(jax.tree.leaves(nnx.state(encoder, nnx.Param)))
+    leaves = nnx.to_flat_state(nnx.state(opt.opt_state))
+    assert not any("vit" in map(str, path) for path, _ in leaves)
+    assert sum(np.ndim(v[...]) > 0 for _, v in leaves) == 2 * n_params  # adam mu, nu
+    vit_sizes = {np.shape(v) for v in jax.tree.leaves(nnx.state(encoder.vit))}
+    param_sizes = {np.shape(v) for v in jax.tree.leaves(nnx.state(encoder, nnx.Param))}
+    assert vit_sizes - param_sizes  # the ViT has shapes no trainable weight has
+
+
+def _op_counts(text: str) -> dict[str, int]:
+    return {op: text.count(f"stablehlo.{op}") for op in ("dot_general", "convolution")}
+
+
+def _hlo_counts(model):
+    """StableHLO op counts of: the jitted gradient, the gradient of `fuse` alone, `backbone`."""
+    images, uv_maps = _inputs(3, 1, 2)
+    view_mask = jnp.array([[True, False]])
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def full_loss(params, rest, images, uv_maps):
+        return _loss(nnx.merge(graphdef, params, rest)(images, uv_maps, view_mask))
+
+    def backbone(params, rest, images, uv_maps):
+        return nnx.merge(graphdef, params, rest).backbone(images, uv_maps, view_mask)
+
+    def fuse_loss(params, rest, features):
+        return _loss(nnx.merge(graphdef, params, rest).fuse(features))
+
+    features = jax.eval_shape(backbone, params, rest, images, uv_maps)
+    full = jax.jit(jax.grad(full_loss)).lower(params, rest, images, uv_maps).as_text()
+    fuse = jax.jit(jax.grad(fuse_loss)).lower(params, rest, features).as_text()
+    vit = jax.jit(backbone).lower(params, rest, images, uv_maps).as_text()
+    return _op_counts(full), _op_counts(fuse), _op_counts(vit)
+
+
+def test_gradient_hlo_has_no_vit_backward():
+    """The jitted gradient computes the ViT forward and nothing more of the ViT.
+
+    The check: in the lowered (pre-optimisation, so nothing is dead-code
+    eliminated yet) StableHLO of `jax.jit(jax.grad(loss))`, the matrix products
+    and convolutions must be exactly those of the gradient of the fusion CNNs
+    alone (a model whose ViT is absent: `fuse` on the ViT features given as
+    inputs) plus those of one ViT forward per stream (`backbone`). Any ViT
+    backward (weight or input gradient) adds about two products per forward
+    product; the same model with `train_backbone=True` shows that the check sees
+    it. The gradient pytree holds only the fusion CNNs' `nnx.Param`s.
+    """
+    full, fuse, vit = _hlo_counts(_encoder())
+    assert vit["dot_general"] > 0 and fuse["convolution"] > 0
+    for op in full:
+        assert full[op] == fuse[op] + vit[op], (op, full, fuse, vit)
+    trainable_full, trainable_fuse, trainable_vit = _hlo_counts(_encoder(train_backbone=True))
+    assert (
+        trainable_full["dot_general"]
+        > trainable_fuse["dot_general"] + 2 * trainable_vit["dot_general"]
+    )
+    grads = nnx.jit(nnx.grad(lambda m: _loss(m(*_inputs(0, 1, 1)))))(_encoder())
+    assert {str(p[0]) for p, _ in nnx.to_flat_state(grads)} == {"screen_cnn", "uv_cnn"}
+
+
+def test_shape_errors(encoder):
+    images, uv_maps = _inputs(0, 1, 2)
+    with pytest.raises(ValueError, match="images"):
+        encoder(images[0], uv_maps)
+    with pytest.raises(ValueError, match="expects"):
+        encoder(images[:, :, :16], uv_maps)
+    with pytest.raises(ValueError, match="uv_maps"):
+        encoder(images, uv_maps[:, :1])
+    with pytest.raises(ValueError, match="square"):
+        encoder(images, uv_maps[:, :, :32])
+    with pytest.raises(ValueError, match="view_mask"):
+        encoder(images, uv_maps, jnp.ones((1, 3), bool))
