@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -57,7 +58,9 @@ class RasterConfig:
     """Static rasterizer settings (hashable: part of the jit cache key).
 
     Attributes:
-      backend: compositing backend ("reference"; kernels register more).
+      backend: compositing backend: "reference", or the Pallas kernels of `uika_kernels`
+        ("pallas": Triton on GPU, Mosaic on TPU; "pallas_triton", "pallas_mosaic" and
+        their "_interpret" variants), imported on first use.
       capacity: intersection slots per scene; None: the exact bound C * N * n_tiles
         (refused above 2^24: use `calibrate_capacity()`).
       tile_cap: at most this many intersections composited per tile; None: no cap.
@@ -78,6 +81,8 @@ class RasterConfig:
     batch_axes: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.backend not in _BACKENDS and self.backend.startswith("pallas"):
+            importlib.import_module("uika_kernels")  # registers the Pallas backends
         if self.backend not in _BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; have {sorted(_BACKENDS)}")
         if self.radius_rule not in projection.RADIUS_RULES:
