@@ -1,0 +1,157 @@
+"""Run: python -m uika_jax.models.summary --config=configs/default.py (the paper's UIKA).
+
+The paper configuration of UIKA (CVPR 2026, arXiv 2601.07603); an ablation:
+
+    python -m uika_jax.models.summary --config=configs/default.py:no_uv_attention
+
+Paper values: L = 12 transformer blocks of width D = 1024 with 16 heads, Lz = 96 x 96 UV
+tokens, a 384 x 384 x 256 decoder map, ~130K anchors, N_ref = 16 source and N_d = 8
+driven frames, 512 x 512 images, a frozen DINOv3 ViT-L, Adam with warm-up + cosine for
+150K steps, loss 1.0 L1 + 0.1 (1 - SSIM) + 1.0 LPIPS + 0.1 reg. Every value the paper does
+not state is marked `# assumed`.
+
+Files the user supplies (never shipped, never fetched at run time):
+
+- `vit.weights`: DINOv3 ViT-L/16 from the Hugging Face repository
+  `facebook/dinov3-vitl16-pretrain-lvd1689m` (gated: accept the DINOv3 licence there,
+  then `huggingface-cli download facebook/dinov3-vitl16-pretrain-lvd1689m
+  --local-dir assets/dinov3-vitl16`); the directory or its `model.safetensors`.
+- `head.model_path` / `head.uv_path`: FLAME 2023 (`flame2023.pkl`) and its UV layout
+  (`FLAME_texture.npz` or `head_template.obj`) from https://flame.is.tue.mpg.de.
+  `head.model_path = None` uses the built-in synthetic head instead.
+
+The argument selects one of the paper's ablations (Table 4): `no_uv_attention`
+("w/o uv_attn"), `no_aggregation` ("w/o aggr": the decoder never sees I_aggr and gamma,
+so colours are predicted only) and `no_color_fusion` (I_aggr and gamma still feed the
+decoder, c = c_hat).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ABLATIONS = ("no_uv_attention", "no_aggregation", "no_color_fusion")
+
+
+def apply_ablation(config: ml_collections.ConfigDict, arg: str | None) -> None:
+    """Turns off the switch named by `arg` (one of `ABLATIONS`; None or "" changes nothing)."""
+    if not arg:
+        return
+    if arg not in ABLATIONS:
+        raise ValueError(f"unknown config argument {arg!r}; known: {ABLATIONS}")
+    setattr(config.model, arg.removeprefix("no_"), False)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The paper configuration; `arg`: an ablation from `ABLATIONS`, or None."""
+    config = ml_collections.ConfigDict()
+    config.name = "default"
+
+    m = config.model = ml_collections.ConfigDict()
+    m.image_size = 512
+    m.num_views = 16  # N_max = N_ref: views are padded to this many (view_mask)
+    m.num_drive = 8  # N_d driven frames per sample
+    m.dtype = "bfloat16"  # assumed: compute dtype (weights and residual streams float32)
+    # Ablation switches (the paper's full model: all on).
+    m.uv_attention = True
+    m.aggregation = True
+    m.color_fusion = True
+    # One frozen ViT serves the correspondence estimator and the dual encoder (assumed:
+    # the paper names a frozen pretrained encoder for both; sharing halves its memory and
+    # runs it once on the screen images).
+    m.share_backbone = True
+
+    v = m.vit = ml_collections.ConfigDict()
+    v.family = "dinov3"
+    v.size = "l"
+    v.overrides = ml_collections.ConfigDict()  # ViTConfig fields replacing the preset's
+    v.weights = "assets/dinov3-vitl16"  # local HF snapshot (see the module docstring)
+    v.train = False  # frozen (FrozenParam + stop_gradient)
+
+    c = m.correspondence = ml_collections.ConfigDict()
+    c.layers = None  # ViT blocks tapped by the DPT: None = evenly spaced (5, 11, 17, 23)
+    c.neck_channels = (256, 512, 1024, 1024)  # assumed: DPT-Large / Depth Anything L neck
+    c.factors = (4, 2, 1, 0.5)
+    c.features = 256
+    c.readout = "ignore"
+    c.head_channels = 32
+    c.threshold = 0.5  # face probability above which a pixel is reprojected
+
+    e = m.encoder = ml_collections.ConfigDict()
+    e.dim = 1024  # = transformer width D
+    e.uv_size = 384  # assumed: the ViT sees the 384 x 384 reprojected maps unresized
+    e.layers = None  # None: (5, 11, 17, 23)
+    e.use_rgb = True
+    e.pos_embed = True
+
+    t = m.transformer = ml_collections.ConfigDict()
+    t.dim = 1024
+    t.num_heads = 16
+    t.depth = 12
+    t.token_side = 96  # Lz = 96 x 96 = 9216
+    t.mlp_ratio = 4  # assumed
+    t.mode = "joint"
+    t.taps = None  # None: the last block of each quarter (3, 6, 9, 12)
+    t.remat = "dots_with_no_batch_dims_saveable"  # assumed: per-block remat, keep weight matmuls
+    t.scan = True
+    t.attention = ml_collections.ConfigDict()
+    # Portable exact flash-style attention; "splash" on TPU, "cudnn" on NVIDIA GPUs.
+    t.attention.backend = "chunked"
+    t.attention.chunk_size = 1024
+
+    d = m.decoder = ml_collections.ConfigDict()
+    d.neck_channels = (256, 512, 1024, 1024)  # assumed (DPT-Large widths)
+    d.factors = (2, 1, 0.5, 0.25)
+    d.features = 256
+    d.map_size = 384  # 384 x 384 x 256 feature map; also the reprojection resolution
+    d.channels = 256
+    d.mlp_hidden = 256  # assumed
+    d.mlp_layers = 2  # assumed
+
+    h = config.head = ml_collections.ConfigDict()
+    h.model_path = "assets/flame/flame2023.pkl"  # None: the built-in synthetic head
+    h.uv_path = "assets/flame/FLAME_texture.npz"
+    h.num_anchors = 130_000  # ~130K texels of the 384 x 384 UV mask; None: all covered
+    h.use_dataset_shape = False  # drive with beta = 0 (True: the dataset's beta)
+
+    r = config.render = ml_collections.ConfigDict()
+    r.background = (1.0, 1.0, 1.0)  # assumed
+
+    loss = config.loss = ml_collections.ConfigDict()
+    loss.l1 = 1.0
+    loss.ssim = 0.1
+    loss.lpips = 1.0
+    loss.reg = 0.1
+    loss.reg_eps = 0.0
+
+    o = config.optim = ml_collections.ConfigDict()
+    o.steps = 150_000
+    o.batch_size = 32  # assumed: one sample per GPU of the paper's 32
+    o.peak_lr = 1e-4  # assumed
+    o.warmup_steps = 3_000  # assumed
+    o.final_lr_fraction = 0.0  # assumed
+    o.b1 = 0.9
+    o.b2 = 0.999  # assumed (Adam defaults)
+    o.grad_clip = 1.0  # assumed
+
+    s = config.sharding = ml_collections.ConfigDict()
+    s.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1: every remaining device
+    # Logical axis name -> mesh axis (None: replicated). Every name a weight uses must
+    # appear here (`uika_jax.sharding.check_rules`). "batch" shards activations.
+    s.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("kv", None),  # head_dim (per-head RMSNorm scales)
+        ("layers", None),
+        ("tokens", None),
+        ("patch", None),
+        ("readout", "tensor"),
+        ("conv_in", "fsdp"),
+        ("conv_out", "tensor"),
+        ("gaussian_attr", None),
+    )
+
+    apply_ablation(config, arg)
+    return config

@@ -1,0 +1,572 @@
+"""The assembled UIKA model: pose-free images -> canonical Gaussians -> driven -> rendered.
+
+One forward pass (`UIKA.reconstruct`), DESIGN.md §1:
+
+    images (B, N, H, W, 3) in [0, 1], view_mask (B, N)       N <= num_views (padded)
+      -> correspondence estimator (frozen ViT + DPT)  uv (B, N, H, W, 2), face_prob
+      -> reproject at the decoder map size M          i_uv (B, N, M, M, 3), I_aggr, gamma
+         (uv under stop_gradient: no gradient of the reconstruction reaches the DPT)
+      -> dual encoder (frozen ViT + fusion CNNs)      F_s (B, N, P, D), F_uv (B, N, P', D)
+      -> UV transformer                               tapped tokens, each (B, Lz, D)
+      -> UV decoder at the anchors                    CanonicalGaussians (B, K, ...)
+
+then, functionally, `drive(head, anchors, gaussians, flame_params)` poses them for
+(B, F) target frames and `render(posed, viewmats, Ks, width, height)` rasterizes them
+through `uika_jax.render.rasterization`.
+
+Shared backbone (`share_backbone`, the default): the correspondence estimator and the
+dual encoder use ONE frozen ViT (the same NNX module, so its weights exist once in the
+state and in checkpoints), and the screen images go through it once, tapping the union
+of the blocks both consumers read; the UV maps go through it a second time. Padded
+views are zeroed before the ViT (their tokens never matter: reproject drops their
+pixels and the encoder zeroes their features). Both ViTs need the same architecture,
+so sharing is the only mode when the config names one ViT; `share_backbone=False`
+gives each consumer its own copy (e.g. to fine-tune one of them).
+
+The head model and the anchors are NOT module state: they are built once from the
+config (`build_head`) and passed to `reconstruct` / `drive` as pytree arguments. So the
+licensed FLAME arrays never enter a checkpoint, no optimizer or gradient sees them,
+and under `jax.jit` they are ordinary (replicated) arguments rather than constants
+folded into the program.
+
+Driving (DESIGN.md §2): the target frame's expression, jaw / neck / eye / global pose
+and translation are applied with identity shape beta = 0 (the identity lives in the
+predicted offsets d_mu); `use_shape=True` applies the given beta instead (a dataset's
+fitted shape). Each Gaussian is driven as a point of the surface it sits on
+(`uika_jax.head.anchors.deform_anchors`: canonical mean = anchor + d_mu, plus the
+interpolated blendshape displacements, then the interpolated LBS transform), and its
+rotation is the rotation factor (polar decomposition) of that blended LBS transform
+composed with its canonical rotation: q_posed = q_lbs * q_canonical (Hamilton
+product, wxyz). Scales, opacities and colours do not change.
+
+Ablations (config `model.*`): `uv_attention=False` removes the transformer's UV branch
+(the UV stream of the encoder is then not computed at all), `aggregation=False` keeps
+I_aggr and gamma away from the decoder, `color_fusion=False` keeps them as decoder
+inputs but uses the predicted colours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from uika_jax.head.anchors import Anchors, deform_anchors, make_anchors
+from uika_jax.head.io import load_head_model
+from uika_jax.head.lbs import FlameParams
+from uika_jax.head.model import HeadModel
+from uika_jax.head.rotations import matrix_to_quaternion
+from uika_jax.models.attention import AttentionConfig
+from uika_jax.models.correspondence import OUT_CHANNELS, CorrespondenceEstimator
+from uika_jax.models.correspondence import CorrespondenceOutput as Correspondence
+from uika_jax.models.decoder import UVDecoder, UVDecoderConfig
+from uika_jax.models.dpt import DPTConfig
+from uika_jax.models.fusion import BackboneFeatures, DualEncoder, DualEncoderOutput, FusionConfig
+from uika_jax.models.gaussians import CanonicalGaussians
+from uika_jax.models.reproject import Reprojection, reproject
+from uika_jax.models.transformer import UVTransformer
+from uika_jax.models.vit import ViTConfig, normalize_imagenet
+from uika_jax.render import RasterConfig, rasterization
+
+
+@dataclasses.dataclass(frozen=True)
+class AvatarConfig:
+    """The architecture of `UIKA` (hashable; built from a config's `model` by `from_config`).
+
+    Attributes:
+      image_size: side of the square input images.
+      num_views: N_max, the most views one sample may hold.
+      vit: the frozen (or trained) backbone.
+      train_backbone: `nnx.Param` ViT weights without stop_gradient (tiny config).
+      share_backbone: one ViT for the correspondence estimator and the dual encoder.
+      correspondence: the estimator's DPT.
+      correspondence_layers: ViT blocks its DPT taps (None: evenly spaced).
+      face_threshold: face probability above which a pixel is reprojected.
+      fusion: the dual encoder's fusion CNNs.
+      uv_size: side of the UV maps as the encoder's ViT sees them.
+      transformer: keyword arguments of `UVTransformer` (a sorted tuple of pairs).
+      decoder: the UV decoder (its map_size is also the reprojection resolution).
+      dtype: compute dtype of the ViT, the DPT and the transformer.
+    """
+
+    image_size: int
+    num_views: int
+    vit: ViTConfig
+    train_backbone: bool
+    share_backbone: bool
+    correspondence: DPTConfig
+    correspondence_layers: tuple[int, ...] | None
+    face_threshold: float
+    fusion: FusionConfig
+    uv_size: int
+    transformer: tuple[tuple[str, Any], ...]
+    decoder: UVDecoderConfig
+    dtype: str = "float32"
+
+    @property
+    def uv_attention(self) -> bool:
+        """Whether the transformer has its UV branch."""
+        return dict(self.transformer)["uv_attention"]
+
+
+def _tuple(x: Any) -> tuple | None:
+    return None if x is None else tuple(x)
+
+
+def avatar_config(model: ml_collections.ConfigDict) -> AvatarConfig:
+    """Builds the `AvatarConfig` from a config's `model` section (see configs/default.py)."""
+    v = model.vit
+    preset = ViTConfig.dinov3 if v.family == "dinov3" else ViTConfig.dinov2
+    vit = preset(v.size, **dict(v.overrides or {}))
+    c, e, t, d = model.correspondence, model.encoder, model.transformer, model.decoder
+    dpt = DPTConfig(
+        in_dim=vit.hidden_size,
+        neck_channels=tuple(c.neck_channels),
+        factors=tuple(c.factors),
+        features=c.features,
+        readout=c.readout,
+        head_channels=c.head_channels,
+        out_channels=OUT_CHANNELS,
+    )
+    if e.dim != t.dim:
+        raise ValueError(f"encoder.dim {e.dim} must equal transformer.dim {t.dim}")
+    attention = AttentionConfig(backend=t.attention.backend, chunk_size=t.attention.chunk_size)
+    transformer = dict(
+        dim=t.dim,
+        num_heads=t.num_heads,
+        depth=t.depth,
+        num_tokens=t.token_side**2,
+        taps=_tuple(t.taps),
+        mlp_ratio=t.mlp_ratio,
+        uv_attention=bool(model.uv_attention),
+        mode=t.mode,
+        attention_config=attention,
+        remat=t.remat,
+        dtype=jnp.dtype(model.dtype).name,
+        scan=t.scan,
+    )
+    decoder = UVDecoderConfig(
+        in_dim=t.dim,
+        token_side=t.token_side,
+        neck_channels=tuple(d.neck_channels),
+        factors=tuple(d.factors),
+        features=d.features,
+        map_size=d.map_size,
+        channels=d.channels,
+        mlp_hidden=d.mlp_hidden,
+        mlp_layers=d.mlp_layers,
+        aggregation=bool(model.aggregation),
+        color_fusion=bool(model.color_fusion),
+        dtype=jnp.dtype(model.dtype).name,
+    )
+    return AvatarConfig(
+        image_size=model.image_size,
+        num_views=model.num_views,
+        vit=vit,
+        train_backbone=bool(v.train),
+        share_backbone=bool(model.share_backbone),
+        correspondence=dpt,
+        correspondence_layers=_tuple(c.layers),
+        face_threshold=float(c.threshold),
+        fusion=FusionConfig(
+            dim=e.dim, layers=_tuple(e.layers), use_rgb=e.use_rgb, pos_embed=e.pos_embed
+        ),
+        uv_size=e.uv_size,
+        transformer=tuple(sorted(transformer.items())),
+        decoder=decoder,
+        dtype=jnp.dtype(model.dtype).name,
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AvatarOutput:
+    """Everything one forward pass produces (a pytree).
+
+    Attributes:
+      gaussians: the canonical Gaussians (B, K, ...).
+      correspondence: the estimator's uv / face_prob / face_logit, (B, N, H, W, ...).
+      reprojection: the UV maps (i_uv, hits, I_aggr, gamma, n_hit) at the decoder size.
+    """
+
+    gaussians: CanonicalGaussians
+    correspondence: Correspondence
+    reprojection: Reprojection
+
+
+class UIKA(nnx.Module):
+    """Correspondence -> reproject -> dual encoder -> UV transformer -> UV decoder."""
+
+    def __init__(self, config: AvatarConfig, *, rngs: nnx.Rngs):
+        """Builds the network (random init; `load_backbone` loads pretrained ViT weights).
+
+        Args:
+          config: the architecture.
+          rngs: initialisation keys.
+        """
+        self.config = config
+        dtype = jnp.dtype(config.dtype)
+        tkw = dict(config.transformer)
+        tkw["dtype"] = jnp.dtype(tkw["dtype"])
+        self.correspondence = CorrespondenceEstimator(
+            config.vit,
+            config.correspondence,
+            layers=config.correspondence_layers,
+            train_backbone=config.train_backbone,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.encoder = DualEncoder(
+            config.vit,
+            config.fusion,
+            image_size=config.image_size,
+            uv_size=config.uv_size,
+            train_backbone=config.train_backbone,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        if config.share_backbone:
+            self.encoder.vit = self.correspondence.vit  # one module, referenced twice
+        self.transformer = UVTransformer(**tkw, rngs=rngs)
+        taps = len(self.transformer.taps)
+        if taps != config.decoder.num_taps:
+            raise ValueError(
+                f"the transformer taps {self.transformer.taps} ({taps} depths) but the decoder "
+                f"takes {config.decoder.num_taps}: give decoder.neck_channels one entry per tap"
+            )
+        self.decoder = UVDecoder(config.decoder, rngs)
+        n = config.vit.num_layers
+        self._corr_layers = tuple(int(i) % n for i in self.correspondence.layers)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> UIKA:
+        """Builds the model of a full config (`config.model`)."""
+        return cls(avatar_config(config.model), rngs=rngs)
+
+    def _check_inputs(self, images: jax.Array, view_mask: jax.Array | None) -> jax.Array:
+        c = self.config
+        if images.ndim != 5 or images.shape[-1] != 3:
+            raise ValueError(f"expected images (B, N, H, W, 3), got shape {images.shape}")
+        b, n, h, w, _ = images.shape
+        if (h, w) != (c.image_size, c.image_size):
+            raise ValueError(f"images are {h}x{w}, the model expects {c.image_size}^2")
+        if not 1 <= n <= c.num_views:
+            raise ValueError(f"{n} views per sample, the model takes 1 to {c.num_views}")
+        if view_mask is None:
+            return jnp.ones((b, n), bool)
+        view_mask = jnp.asarray(view_mask)
+        if view_mask.shape != (b, n):
+            raise ValueError(f"view_mask shape {view_mask.shape} != (B, N) = {(b, n)}")
+        return view_mask.astype(bool)
+
+    def _pixels(self, images: jax.Array, view_mask: jax.Array) -> jax.Array:
+        """(B, N, S, S, 3) in [0, 1] -> (B * N, S, S, 3) ViT input, padded views zeroed."""
+        b, n, h, w, _ = images.shape
+        images = jnp.where(view_mask[:, :, None, None, None], images.astype(jnp.float32), 0.0)
+        pixels = normalize_imagenet(images.reshape(b * n, h, w, 3))
+        if not self.config.train_backbone:  # the frozen ViT is a constant of any gradient
+            pixels = jax.lax.stop_gradient(pixels)
+        return pixels
+
+    def _shared_screen_pass(
+        self, images: jax.Array, pixels: jax.Array
+    ) -> tuple[Correspondence, tuple[jax.Array, ...]]:
+        """One ViT pass over the screen images for both the estimator and the encoder.
+
+        Returns:
+          (correspondence (B, N, H, W, ...), the encoder's tapped screen maps, float32).
+        """
+        b, n, h, w, _ = images.shape
+        corr = self.correspondence
+        layers = tuple(sorted(set(self._corr_layers) | set(self.encoder.layers)))
+        out = corr.vit(pixels.astype(corr.dtype), layers=layers)
+        maps = dict(zip(layers, out.features, strict=True))
+        cls = dict(zip(layers, out.feature_cls, strict=True))
+        # CorrespondenceEstimator.__call__, from the shared features.
+        readout = None
+        if corr.dpt.config.readout != "ignore":
+            readout = [cls[i] for i in self._corr_layers]
+        logits = corr.dpt([maps[i] for i in self._corr_layers], readout, output_size=(h, w))
+        logits = logits.astype(jnp.float32).reshape(b, n, h, w, OUT_CHANNELS)
+        face_logit = logits[..., 2:3]
+        correspondence = Correspondence(
+            uv=jax.nn.sigmoid(logits[..., :2]),
+            face_prob=jax.nn.sigmoid(face_logit),
+            face_logit=face_logit,
+        )
+        return correspondence, tuple(maps[i].astype(jnp.float32) for i in self.encoder.layers)
+
+    def _encoder_maps(self, pixels: jax.Array) -> tuple[jax.Array, ...]:
+        """The encoder's ViT on (B * N, S, S, 3) pixels, its tapped maps in float32."""
+        out = self.encoder.vit(pixels.astype(self.encoder.dtype), layers=self.encoder.layers)
+        return tuple(f.astype(jnp.float32) for f in out.features)
+
+    def encode(
+        self, images: jax.Array, view_mask: jax.Array | None = None
+    ) -> tuple[Correspondence, Reprojection, DualEncoderOutput]:
+        """The stages before the transformer: correspondence, reprojection, dual encoder.
+
+        Args: as `__call__` (without the anchors).
+
+        Returns:
+          (correspondence (B, N, H, W, ...), reprojection at the decoder map size, encoder
+          output). Without UV attention the UV stream is not computed (its tokens are 0).
+        """
+        view_mask = self._check_inputs(images, view_mask)
+        c = self.config
+        b, n = view_mask.shape
+        screen_pixels = self._pixels(images, view_mask)
+        if c.share_backbone:
+            correspondence, screen = self._shared_screen_pass(images, screen_pixels)
+        else:
+            correspondence = self.correspondence(images)
+            screen = self._encoder_maps(screen_pixels)
+        reprojection = reproject(
+            images,
+            jax.lax.stop_gradient(correspondence.uv),
+            jax.lax.stop_gradient(correspondence.face_prob),
+            view_mask,
+            resolution=c.decoder.map_size,
+            threshold=c.face_threshold,
+        )
+        if not c.uv_attention:  # no UV branch: the UV stream is never computed
+            fused = self.encoder.screen_cnn(screen, screen_pixels)
+            fused = jnp.where(
+                view_mask[:, :, None, None], fused.reshape(b, n, -1, c.fusion.dim), 0.0
+            )
+            grid = c.uv_size // c.vit.patch_size
+            uv = jnp.zeros((b, n, grid * grid, c.fusion.dim), jnp.float32)
+            return correspondence, reprojection, DualEncoderOutput(fused, uv, view_mask)
+        s = c.uv_size
+        i_uv = reprojection.i_uv
+        if i_uv.shape[2] != s:  # as DualEncoder.backbone (padded views are zeroed below)
+            i_uv = jax.image.resize(i_uv, (b, n, s, s, 3), method="linear", antialias=True)
+        uv_pixels = self._pixels(i_uv, view_mask)
+        features = BackboneFeatures(
+            screen=screen,
+            screen_pixels=screen_pixels,
+            uv=self._encoder_maps(uv_pixels),
+            uv_pixels=uv_pixels,
+            view_mask=view_mask,
+        )
+        return correspondence, reprojection, self.encoder.fuse(features)
+
+    def __call__(
+        self, images: jax.Array, view_mask: jax.Array | None, anchors: Anchors
+    ) -> AvatarOutput:
+        """The full forward pass with its intermediate results.
+
+        Args:
+          images: (B, N, H, W, 3) RGB in [0, 1], H = W = image_size, 1 <= N <= num_views.
+          view_mask: (B, N) bool, False for padded views (each sample needs one valid
+            view); None: all valid.
+          anchors: K anchors made at uv_resolution = the decoder map size (`build_head`).
+
+        Returns:
+          The `AvatarOutput`.
+        """
+        correspondence, reprojection, encoded = self.encode(images, view_mask)
+        tokens = self.transformer(encoded.screen, encoded.view_mask, encoded.uv)
+        gaussians = self.decoder(tokens, anchors, reprojection.i_aggr, reprojection.gamma)
+        return AvatarOutput(gaussians, correspondence, reprojection)
+
+    def reconstruct(
+        self, images: jax.Array, view_mask: jax.Array | None, anchors: Anchors
+    ) -> CanonicalGaussians:
+        """Images -> canonical Gaussians (B, K, ...) in one forward pass (see `__call__`)."""
+        return self(images, view_mask, anchors).gaussians
+
+    def load_backbone(self, path: str) -> None:
+        """Loads pretrained HF DINOv2 / DINOv3 weights (local safetensors) into the ViT(s)."""
+        from uika_jax.convert.hf_vit import load_hf_vit_weights, read_safetensors
+
+        tensors = read_safetensors(_safetensors_file(path))
+        load_hf_vit_weights(self.correspondence.vit, tensors, source=str(path))
+        if not self.config.share_backbone:
+            load_hf_vit_weights(self.encoder.vit, tensors, source=str(path))
+
+
+def _safetensors_file(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    return str(p / "model.safetensors") if p.is_dir() else str(p)
+
+
+# --------------------------------------------------------------------------- head assets
+
+
+def build_head(config: ml_collections.ConfigDict) -> tuple[HeadModel, Anchors]:
+    """The head model and its anchors at the decoder map size, once, from a full config.
+
+    Returns:
+      (head model, anchors): pytrees of NumPy arrays, to pass to `reconstruct` and `drive`.
+    """
+    h = config.head
+    head = load_head_model(h.model_path, h.uv_path) if h.model_path else load_head_model()
+    return head, make_anchors(head, config.model.decoder.map_size, h.num_anchors)
+
+
+# --------------------------------------------------------------------------- driving
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PosedGaussians:
+    """Gaussians posed for target frames; leading dims `...` = (B, F) for `drive`'s output.
+
+    Attributes:
+      means: (..., K, 3) world positions.
+      quats: (..., K, 4) unit quaternions, wxyz.
+      log_scales: (..., K, 3) log scales (unchanged by driving).
+      opacity_logits: (..., K) opacity logits.
+      colors: (..., K, 3) RGB in [0, 1].
+    """
+
+    means: jax.Array
+    quats: jax.Array
+    log_scales: jax.Array
+    opacity_logits: jax.Array
+    colors: jax.Array
+
+    def scales(self) -> jax.Array:
+        """(..., K, 3) linear scales."""
+        return jnp.exp(self.log_scales)
+
+    def opacities(self) -> jax.Array:
+        """(..., K) opacities in (0, 1)."""
+        return jax.nn.sigmoid(self.opacity_logits)
+
+
+def quaternion_multiply(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Hamilton product a * b of wxyz quaternions (..., 4): rotation b first, then a."""
+    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
+    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
+    return jnp.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        axis=-1,
+    )
+
+
+def drive(
+    head: HeadModel,
+    anchors: Anchors,
+    gaussians: CanonicalGaussians,
+    params: FlameParams,
+    *,
+    use_shape: bool = False,
+) -> PosedGaussians:
+    """Poses B canonical avatars for F target frames each (see the module docstring).
+
+    Args:
+      head: the head model the anchors were made on.
+      anchors: the K anchors of the Gaussians.
+      gaussians: canonical Gaussians (B, K, ...) from `reconstruct`.
+      params: target FLAME parameters with leading dims (B, F): shape (B, F, S),
+        expression (B, F, E), pose (B, F, J, 3), translation (B, F, 3).
+      use_shape: apply `params.shape`; False (default) drives with beta = 0.
+
+    Returns:
+      `PosedGaussians` with leading dims (B, F).
+    """
+    b, k = gaussians.means.shape[:2]
+    if k != anchors.num_anchors:
+        raise ValueError(f"{k} Gaussians for {anchors.num_anchors} anchors")
+    pose = jnp.asarray(params.pose)
+    if pose.ndim != 4 or pose.shape[0] != b:
+        raise ValueError(f"params.pose must be (B={b}, F, J, 3), got {pose.shape}")
+    f = pose.shape[1]
+    params = jax.tree.map(jnp.asarray, params)
+    if not use_shape:
+        params = dataclasses.replace(params, shape=jnp.zeros_like(params.shape))
+    # jnp arrays throughout (the anchors' face ids index the model's faces).
+    head, anchors = jax.tree.map(jnp.asarray, (head, anchors))
+
+    def one(offsets: jax.Array, p: FlameParams) -> tuple[jax.Array, jax.Array]:
+        return deform_anchors(head, anchors, offsets, p)
+
+    means, rotations = jax.vmap(jax.vmap(one, in_axes=(None, 0)))(gaussians.offsets, params)
+    quats = quaternion_multiply(matrix_to_quaternion(rotations), gaussians.quats[:, None])
+    expand = lambda x: jnp.broadcast_to(x[:, None], (b, f, *x.shape[1:]))  # noqa: E731
+    return PosedGaussians(
+        means=means,
+        quats=quats,
+        log_scales=expand(gaussians.log_scales),
+        opacity_logits=expand(gaussians.opacity_logits),
+        colors=expand(gaussians.colors),
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """Rendered frames (leading dims `...` as the posed Gaussians').
+
+    Attributes:
+      images: (..., H, W, 3) colour over the background.
+      alphas: (..., H, W, 1) accumulated opacity.
+      meta: the rasterizer's per-call information (overflow counters etc.).
+    """
+
+    images: jax.Array
+    alphas: jax.Array
+    meta: dict
+
+
+def render(
+    posed: PosedGaussians,
+    viewmats: jax.Array,
+    Ks: jax.Array,
+    width: int,
+    height: int,
+    *,
+    background: jax.Array | tuple[float, float, float] | None = None,
+    config: RasterConfig | None = None,
+) -> Rendered:
+    """Renders each posed frame with its camera through `rasterization`.
+
+    Args:
+      posed: `PosedGaussians` with leading dims `...` (e.g. (B, F)).
+      viewmats: (..., 4, 4) OpenCV world-to-camera matrices, one per frame.
+      Ks: (..., 3, 3) intrinsics.
+      width: image width.
+      height: image height.
+      background: (3,) colour behind the Gaussians; None: black.
+      config: the rasterizer's `RasterConfig`.
+
+    Returns:
+      The `Rendered` frames.
+    """
+    lead = posed.means.shape[:-2]
+    if viewmats.shape != (*lead, 4, 4) or Ks.shape != (*lead, 3, 3):
+        raise ValueError(
+            f"expected viewmats {(*lead, 4, 4)} and Ks {(*lead, 3, 3)} (one camera per "
+            f"frame), got {viewmats.shape} and {Ks.shape}"
+        )
+    backgrounds = None if background is None else jnp.asarray(background, jnp.float32)
+    colors, alphas, meta = rasterization(
+        posed.means,
+        posed.quats,
+        posed.scales(),
+        posed.opacities(),
+        posed.colors,
+        viewmats[..., None, :, :],
+        Ks[..., None, :, :],
+        width,
+        height,
+        backgrounds=backgrounds,
+        config=config,
+    )
+    return Rendered(images=colors[..., 0, :, :, :], alphas=alphas[..., 0, :, :, :], meta=meta)
