@@ -266,6 +266,22 @@ def test_errors():
         GaussianHeadConfig(max_scale=0.0)
 
 
+def test_anchor_check_skips_abstract_texels():
+    """Abstract texels (closed-over ShapeDtypeStruct, tracers) skip the value check only."""
+    model = nnx.eval_shape(lambda: UVDecoder(TINY, nnx.Rngs(0)))
+    sds = jax.ShapeDtypeStruct
+    abstract = dataclasses.replace(
+        _anchors(), texels=sds((K, 2), jnp.int32), positions=sds((K, 3), jnp.float32)
+    )
+    jax.eval_shape(lambda: model._check_anchors(abstract))  # closed over
+    jax.eval_shape(lambda a: model._check_anchors(a), _anchors())  # traced
+    with pytest.raises(ValueError, match="texels"):  # shapes are still checked
+        model._check_anchors(dataclasses.replace(abstract, texels=sds((K, 3), jnp.int32)))
+    for bad in (np.full((K, 2), MAP, np.int32), jnp.full((K, 2), -1, jnp.int32)):
+        with pytest.raises(ValueError, match="outside"):  # concrete values are still checked
+            model._check_anchors(dataclasses.replace(_anchors(), texels=bad))
+
+
 def test_paper_size_via_eval_shape():
     """D 1024, 96 x 96 tokens from 4 taps, 384 x 384 x 256 map, K = 130K: traced only."""
     config = UVDecoderConfig()

@@ -9,7 +9,7 @@ from flax import nnx
 
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.fusion import DualEncoder, FusionConfig
-from uika_jax.models.vit import ViTConfig
+from uika_jax.models.vit import ViT, ViTConfig
 
 VIT = ViTConfig(
     family="dinov3",
@@ -59,6 +59,26 @@ def test_default_taps_and_config_errors():
         FusionConfig(dim=8, layers=(12,)).taps(12)
     with pytest.raises(ValueError, match="patch"):
         DualEncoder(VIT, FUSION, image_size=30, uv_size=UV, rngs=_rngs())
+
+
+def test_given_vit_is_used_not_rebuilt():
+    """`vit=` reuses the module (no second ViT); a mismatched one is refused."""
+
+    def build():
+        vit = ViT(VIT, stop_gradient=True, rngs=_rngs())
+        return vit, DualEncoder(VIT, FUSION, image_size=IMAGE, uv_size=UV, vit=vit, rngs=_rngs())
+
+    vit, enc = nnx.eval_shape(build)
+    assert enc.vit is vit
+    own = nnx.eval_shape(_encoder)
+    sizes = [sum(x.size for x in jax.tree.leaves(nnx.state(m))) for m in (enc, own)]
+    assert sizes[0] == sizes[1]
+    with pytest.raises(ValueError, match="does not match"):  # trained ViT, frozen encoder
+        nnx.eval_shape(
+            lambda: DualEncoder(
+                VIT, FUSION, image_size=IMAGE, uv_size=UV, vit=ViT(VIT, rngs=_rngs()), rngs=_rngs()
+            )
+        )
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -227,10 +227,10 @@ class UIKA(nnx.Module):
             uv_size=config.uv_size,
             train_backbone=config.train_backbone,
             dtype=dtype,
+            # Shared: one module, referenced twice (built once).
+            vit=self.correspondence.vit if config.share_backbone else None,
             rngs=rngs,
         )
-        if config.share_backbone:
-            self.encoder.vit = self.correspondence.vit  # one module, referenced twice
         self.transformer = UVTransformer(**tkw, rngs=rngs)
         taps = len(self.transformer.taps)
         if taps != config.decoder.num_taps:

@@ -243,10 +243,13 @@ class UVDecoder(nnx.Module):
                 f"anchors need texels (K, 2) and positions (K, 3), got {texels.shape} and "
                 f"{positions.shape}"
             )
-        try:
-            t = np.asarray(texels)
-        except jax.errors.TracerArrayConversionError:  # traced: unchecked (the gather clamps)
-            t = None
+        # Values are checked only when concrete (NumPy, or a committed jax.Array); abstract
+        # texels (tracers, ShapeDtypeStruct, e.g. closed over under eval_shape) are not
+        # (under jit the gather clamps an out-of-range texel).
+        concrete = isinstance(texels, np.ndarray) or (
+            isinstance(texels, jax.Array) and not isinstance(texels, jax.core.Tracer)
+        )
+        t = np.asarray(texels) if concrete else None
         if t is not None and k and (t.min() < 0 or t.max() >= m):
             raise ValueError(f"anchor texels outside [0, {m}) (anchors not from a UV map?)")
 

@@ -227,6 +227,7 @@ class DualEncoder(nnx.Module):
         uv_size: int,
         train_backbone: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        vit: ViT | None = None,
         rngs: nnx.Rngs,
     ):
         """Builds the encoder (random init; load pretrained ViT weights with convert.hf_vit).
@@ -239,6 +240,9 @@ class DualEncoder(nnx.Module):
           train_backbone: make the ViT weights `nnx.Param` instead of `FrozenParam`
             + stop_gradient.
           dtype: computation dtype of the ViT (weights stay float32; outputs float32).
+          vit: an existing ViT to use (e.g. the correspondence estimator's, shared) instead
+            of building one; its config must be `vit_config` and its stop_gradient
+            `not train_backbone`.
           rngs: initialisation keys.
         """
         p = vit_config.patch_size
@@ -250,13 +254,20 @@ class DualEncoder(nnx.Module):
         self.layers = fusion_config.taps(vit_config.num_layers)
         self.train_backbone = train_backbone
         self.dtype = dtype
-        self.vit = ViT(
-            vit_config,
-            param_type=nnx.Param if train_backbone else FrozenParam,
-            dtype=dtype,
-            stop_gradient=not train_backbone,
-            rngs=rngs,
-        )
+        if vit is None:
+            vit = ViT(
+                vit_config,
+                param_type=nnx.Param if train_backbone else FrozenParam,
+                dtype=dtype,
+                stop_gradient=not train_backbone,
+                rngs=rngs,
+            )
+        elif vit.config != vit_config or vit.stop_gradient != (not train_backbone):
+            raise ValueError(
+                "the given vit does not match vit_config / train_backbone "
+                f"(stop_gradient={vit.stop_gradient}, train_backbone={train_backbone})"
+            )
+        self.vit = vit
         kw = dict(patch_size=p, rngs=rngs)
         d, n = vit_config.hidden_size, len(self.layers)
         self.screen_cnn = FusionCNN(d, n, fusion_config, grid=(image_size // p,) * 2, **kw)
