@@ -1,12 +1,10 @@
 """Random rasterizer scenes and torch oracles mirroring gsplat 1.5.3 on CPU.
 
-gsplat's own compositor (`_torch_impl._rasterize_to_pixels`) does not run on
-CPU: it calls the CUDA `rasterize_to_indices_in_range` and needs `nerfacc`.
-`composite_torch` mirrors the CUDA forward kernel (RasterizeToPixels3DGSFwd.cu)
-tile by tile; torch autograd through it gives reference gradients (gsplat's
-CUDA backward zeroes the sigma/opacity gradient where alpha is clamped to
-0.999, as torch's clamp does). `composite_bruteforce` is an independent
-per-pixel loop used to check the mirror.
+The torch mirror itself (gsplat's torch projection and intersection, and a
+mirror of its CUDA compositor) lives in `uika_jax.testing.gsplat_mirror`, shared
+with benchmarks/rasterizer.py; `gsplat_project` and `composite_torch` wrap it
+(imported lazily, so that collecting tests needs no torch).
+`composite_bruteforce` is an independent per-pixel loop used to check the mirror.
 """
 
 from __future__ import annotations
@@ -65,95 +63,21 @@ def random_scene(seed: int, n: int, width: int, height: int, n_cams: int = 2) ->
 
 
 def gsplat_project(torch, ti, scene: dict, radius_rule: str = "opacity", eps2d: float = 0.3):
-    """gsplat's torch projection; with the opacity rule, radii follow its CUDA kernel's rule."""
+    """gsplat's torch projection of a numpy scene (`gsplat_mirror.project`)."""
+    from uika_jax.testing import gsplat_mirror
+
     t = {k: torch.tensor(v) for k, v in scene.items() if isinstance(v, np.ndarray)}
-    w, h = scene["width"], scene["height"]
-    covars, _ = ti._quat_scale_to_covar_preci(t["quats"], t["scales"], compute_preci=False)
-    radii, means2d, depths, conics, _ = ti._fully_fused_projection(
-        t["means"], covars, t["viewmats"], t["Ks"], w, h, eps2d=eps2d
-    )
-    if radius_rule == "opacity":
-        means_c, covars_c = ti._world_to_cam(t["means"], covars, t["viewmats"])
-        _, cov2d = ti._persp_proj(means_c, covars_c, t["Ks"], w, h)
-        cov2d = cov2d + torch.eye(2) * eps2d
-        op = t["opacities"][None].expand(depths.shape)
-        thr = torch.tensor(1.0 / 255.0, dtype=torch.float32)
-        extend = torch.clamp(torch.sqrt(2.0 * torch.log(torch.clamp(op / thr, min=1.0))), max=3.33)
-        rx = torch.ceil(extend * torch.sqrt(cov2d[..., 0, 0]))
-        ry = torch.ceil(extend * torch.sqrt(cov2d[..., 1, 1]))
-        keep = (radii > 0).all(-1) & (op >= thr) & ((rx > 0) | (ry > 0))
-        keep &= (means2d[..., 0] + rx > 0) & (means2d[..., 0] - rx < w)
-        keep &= (means2d[..., 1] + ry > 0) & (means2d[..., 1] - ry < h)
-        radii = torch.where(keep[..., None], torch.stack([rx, ry], -1), 0.0).int()
-    return radii, means2d, depths, conics
+    return gsplat_mirror.project(
+        t["means"], t["quats"], t["scales"], t["opacities"], t["viewmats"], t["Ks"],
+        scene["width"], scene["height"], radius_rule=radius_rule, eps2d=eps2d,
+    )  # fmt: skip
 
 
-def composite_torch(
-    torch,
-    means2d,
-    conics,
-    colors,
-    opacities,
-    width,
-    height,
-    tile_size,
-    offsets,
-    flatten_ids,
-    backgrounds=None,
-):
-    """Mirror of gsplat's CUDA rasterize_to_pixels forward for (C, N, ...) inputs, autograd-able.
+def composite_torch(torch, *args, **kwargs):
+    """The torch mirror of gsplat's CUDA compositor (`gsplat_mirror.composite`)."""
+    from uika_jax.testing import gsplat_mirror
 
-    Returns (colors (C, H, W, D), alphas (C, H, W, 1)).
-    """
-    n_cams, _n = means2d.shape[:2]
-    d = colors.shape[-1]
-    th, tw = offsets.shape[-2:]
-    n_isects = flatten_ids.shape[0]
-    flat_off = [*offsets.reshape(-1).tolist(), n_isects]
-    m2 = means2d.reshape(-1, 2)
-    con = conics.reshape(-1, 3)
-    col = colors.reshape(-1, d)
-    op = opacities.reshape(-1)
-    rows_c, rows_a = [], []
-    for cam in range(n_cams):
-        img_rows_c = []
-        img_rows_a = []
-        for ty in range(th):
-            tile_cols_c, tile_cols_a = [], []
-            for tx in range(tw):
-                tile = cam * th * tw + ty * tw + tx
-                ids = flatten_ids[flat_off[tile] : flat_off[tile + 1]].long()
-                ys = torch.arange(ty * tile_size, (ty + 1) * tile_size, dtype=m2.dtype) + 0.5
-                xs = torch.arange(tx * tile_size, (tx + 1) * tile_size, dtype=m2.dtype) + 0.5
-                py, px = torch.meshgrid(ys, xs, indexing="ij")
-                px, py = px.reshape(-1), py.reshape(-1)
-                tr = torch.ones_like(px)
-                acc = torch.zeros(px.shape[0], d, dtype=m2.dtype)
-                done = torch.zeros(px.shape[0], dtype=torch.bool)
-                for g in ids.tolist():
-                    dx = m2[g, 0] - px
-                    dy = m2[g, 1] - py
-                    c = con[g]
-                    sigma = 0.5 * (c[0] * dx * dx + c[2] * dy * dy) + c[1] * dx * dy
-                    alpha = torch.clamp(op[g] * torch.exp(-sigma), max=0.999)
-                    use = ~done & (sigma >= 0) & (alpha >= 1.0 / 255.0)
-                    next_t = tr * (1.0 - alpha)
-                    stop = use & (next_t <= 1e-4)
-                    done = done | stop
-                    use = use & ~stop
-                    acc = acc + torch.where(use[:, None], col[g][None] * (alpha * tr)[:, None], 0.0)
-                    tr = torch.where(use, next_t, tr)
-                tile_cols_c.append(acc.reshape(tile_size, tile_size, d))
-                tile_cols_a.append(tr.reshape(tile_size, tile_size))
-            img_rows_c.append(torch.cat(tile_cols_c, 1))
-            img_rows_a.append(torch.cat(tile_cols_a, 1))
-        rows_c.append(torch.cat(img_rows_c, 0)[:height, :width])
-        rows_a.append(torch.cat(img_rows_a, 0)[:height, :width])
-    render = torch.stack(rows_c)
-    t_final = torch.stack(rows_a)[..., None]
-    if backgrounds is not None:
-        render = render + t_final * backgrounds[:, None, None, :]
-    return render, 1.0 - t_final
+    return gsplat_mirror.composite(*args, **kwargs)
 
 
 def composite_bruteforce(means2d, conics, colors, opacities, radii, depths, width, height):

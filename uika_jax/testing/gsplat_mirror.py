@@ -1,0 +1,188 @@
+"""gsplat 1.5.3's rasterizer on CPU in torch: the oracle of the parity tests and benchmarks.
+
+Test and benchmark use only (imports torch and gsplat). gsplat's own
+compositor (`_torch_impl._rasterize_to_pixels`) does not run on CPU: it calls
+the CUDA `rasterize_to_indices_in_range` and needs `nerfacc`. So:
+
+- `project`: gsplat's torch projection (`_torch_impl._fully_fused_projection`),
+  with radii following its CUDA kernel's opacity rule when asked;
+- `composite`: a mirror of the CUDA forward kernel (RasterizeToPixels3DGSFwd.cu),
+  tile by tile, one Gaussian at a time, in torch ops; torch autograd through it
+  gives reference gradients (gsplat's CUDA backward zeroes the sigma/opacity
+  gradient where alpha is clamped to 0.999, as torch's clamp does);
+- `render`: the whole pipeline (projection, gsplat's torch `_isect_tiles` /
+  `_isect_offset_encode`, `composite`), autograd-able.
+
+It is a correctness oracle, not a fast path: the compositor is a Python loop
+over every (tile, intersection).
+"""
+
+from __future__ import annotations
+
+import torch
+from gsplat.cuda import _torch_impl as ti
+
+ALPHA_THRESHOLD = 1.0 / 255.0
+
+
+def project(
+    means: torch.Tensor,
+    quats: torch.Tensor,
+    scales: torch.Tensor,
+    opacities: torch.Tensor,
+    viewmats: torch.Tensor,
+    Ks: torch.Tensor,
+    width: int,
+    height: int,
+    radius_rule: str = "opacity",
+    eps2d: float = 0.3,
+):
+    """The projection of gsplat's torch code; with the opacity rule, its CUDA kernel's radii.
+
+    Args are torch tensors as in `uika_jax.render.rasterization` (one scene).
+
+    Returns:
+      (radii (C, N, 2) int32, means2d (C, N, 2), depths (C, N), conics (C, N, 3)).
+    """
+    covars, _ = ti._quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    radii, means2d, depths, conics, _ = ti._fully_fused_projection(
+        means, covars, viewmats, Ks, width, height, eps2d=eps2d
+    )
+    if radius_rule == "opacity":
+        means_c, covars_c = ti._world_to_cam(means, covars, viewmats)
+        _, cov2d = ti._persp_proj(means_c, covars_c, Ks, width, height)
+        cov2d = cov2d + torch.eye(2) * eps2d
+        op = opacities[None].expand(depths.shape)
+        thr = torch.tensor(ALPHA_THRESHOLD, dtype=torch.float32)
+        extend = torch.clamp(torch.sqrt(2.0 * torch.log(torch.clamp(op / thr, min=1.0))), max=3.33)
+        rx = torch.ceil(extend * torch.sqrt(cov2d[..., 0, 0]))
+        ry = torch.ceil(extend * torch.sqrt(cov2d[..., 1, 1]))
+        keep = (radii > 0).all(-1) & (op >= thr) & ((rx > 0) | (ry > 0))
+        keep &= (means2d[..., 0] + rx > 0) & (means2d[..., 0] - rx < width)
+        keep &= (means2d[..., 1] + ry > 0) & (means2d[..., 1] - ry < height)
+        radii = torch.where(keep[..., None], torch.stack([rx, ry], -1), 0.0).int()
+    return radii, means2d, depths, conics
+
+
+def composite(
+    means2d,
+    conics,
+    colors,
+    opacities,
+    width,
+    height,
+    tile_size,
+    offsets,
+    flatten_ids,
+    backgrounds=None,
+):
+    """Mirror of gsplat's CUDA rasterize_to_pixels forward for (C, N, ...) inputs, autograd-able.
+
+    Returns (colors (C, H, W, D), alphas (C, H, W, 1)).
+    """
+    n_cams, _n = means2d.shape[:2]
+    d = colors.shape[-1]
+    th, tw = offsets.shape[-2:]
+    n_isects = flatten_ids.shape[0]
+    flat_off = [*offsets.reshape(-1).tolist(), n_isects]
+    m2 = means2d.reshape(-1, 2)
+    con = conics.reshape(-1, 3)
+    col = colors.reshape(-1, d)
+    op = opacities.reshape(-1)
+    rows_c, rows_a = [], []
+    for cam in range(n_cams):
+        img_rows_c = []
+        img_rows_a = []
+        for ty in range(th):
+            tile_cols_c, tile_cols_a = [], []
+            for tx in range(tw):
+                tile = cam * th * tw + ty * tw + tx
+                ids = flatten_ids[flat_off[tile] : flat_off[tile + 1]].long()
+                ys = torch.arange(ty * tile_size, (ty + 1) * tile_size, dtype=m2.dtype) + 0.5
+                xs = torch.arange(tx * tile_size, (tx + 1) * tile_size, dtype=m2.dtype) + 0.5
+                py, px = torch.meshgrid(ys, xs, indexing="ij")
+                px, py = px.reshape(-1), py.reshape(-1)
+                tr = torch.ones_like(px)
+                acc = torch.zeros(px.shape[0], d, dtype=m2.dtype)
+                done = torch.zeros(px.shape[0], dtype=torch.bool)
+                for g in ids.tolist():
+                    dx = m2[g, 0] - px
+                    dy = m2[g, 1] - py
+                    c = con[g]
+                    sigma = 0.5 * (c[0] * dx * dx + c[2] * dy * dy) + c[1] * dx * dy
+                    alpha = torch.clamp(op[g] * torch.exp(-sigma), max=0.999)
+                    use = ~done & (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+                    next_t = tr * (1.0 - alpha)
+                    stop = use & (next_t <= 1e-4)
+                    done = done | stop
+                    use = use & ~stop
+                    acc = acc + torch.where(use[:, None], col[g][None] * (alpha * tr)[:, None], 0.0)
+                    tr = torch.where(use, next_t, tr)
+                tile_cols_c.append(acc.reshape(tile_size, tile_size, d))
+                tile_cols_a.append(tr.reshape(tile_size, tile_size))
+            img_rows_c.append(torch.cat(tile_cols_c, 1))
+            img_rows_a.append(torch.cat(tile_cols_a, 1))
+        rows_c.append(torch.cat(img_rows_c, 0)[:height, :width])
+        rows_a.append(torch.cat(img_rows_a, 0)[:height, :width])
+    render = torch.stack(rows_c)
+    t_final = torch.stack(rows_a)[..., None]
+    if backgrounds is not None:
+        render = render + t_final * backgrounds[:, None, None, :]
+    return render, 1.0 - t_final
+
+
+def render(
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    viewmats,
+    Ks,
+    width,
+    height,
+    *,
+    tile_size=16,
+    backgrounds=None,
+    render_mode="RGB",
+):
+    """gsplat.rasterization (packed=False, opacity radius rule) on CPU, autograd-able.
+
+    Args:
+      means: (N, 3) torch tensors here and below, as in `uika_jax.render.rasterization`.
+      quats: (N, 4).
+      scales: (N, 3).
+      opacities: (N,).
+      colors: (N, D).
+      viewmats: (C, 4, 4).
+      Ks: (C, 3, 3).
+      width: image width.
+      height: image height.
+      tile_size: tile side in pixels.
+      backgrounds: (C, D) or None.
+      render_mode: "RGB" or "RGB+D".
+
+    Returns:
+      (render (C, H, W, D'), alphas (C, H, W, 1), radii (C, N, 2), flatten_ids (n_isects,)).
+    """
+    if render_mode not in ("RGB", "RGB+D"):
+        raise ValueError(f"render_mode {render_mode!r} is not mirrored")
+    with torch.no_grad():
+        radii, _, _, _ = project(means, quats, scales, opacities, viewmats, Ks, width, height)
+    covars, _ = ti._quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    _, means2d, depths, conics, _ = ti._fully_fused_projection(
+        means, covars, viewmats, Ks, width, height
+    )
+    c = means2d.shape[0]
+    tw, th = -(-width // tile_size), -(-height // tile_size)
+    _tpg, isect_ids, flat = ti._isect_tiles(means2d, radii, depths, tile_size, tw, th)
+    offsets = ti._isect_offset_encode(isect_ids, c, tw, th)
+    op = opacities[None].expand(c, -1)
+    colors = colors[None].expand(c, -1, -1)
+    if render_mode == "RGB+D":
+        colors = torch.cat([colors, depths[..., None]], -1)
+        if backgrounds is not None:
+            backgrounds = torch.cat([backgrounds, torch.zeros(c, 1)], -1)
+    rc, ra = composite(means2d, conics, colors, op, width, height, tile_size, offsets, flat,
+                       backgrounds)  # fmt: skip
+    return rc, ra, radii, flat
