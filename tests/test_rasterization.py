@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require_oracle
-from render_oracle import composite_torch, gsplat_project, random_scene
+from render_oracle import random_scene
 
 from uika_jax.render import (
     RasterConfig,
-    binning,
     rasterization,
 )
 
@@ -21,30 +20,24 @@ def _args(scene):
     return [jnp.asarray(scene[k]) for k in KEYS]
 
 
-def _gsplat_render(torch, ti, scene, backgrounds=None, render_mode="RGB", grad=False):
-    """Full gsplat pipeline on CPU: torch projection (opacity radius rule), torch tile
-    intersection, and the mirror of the CUDA compositor; autograd-able."""
-    w, h = scene["width"], scene["height"]
+def _gsplat_render(scene, backgrounds=None, render_mode="RGB", grad=False):
+    """gsplat's full pipeline on CPU (`uika_jax.testing.gsplat_mirror.render`) on leaf tensors.
+
+    Returns:
+      (colours, alphas, radii, flatten_ids, the input leaf tensors, the background leaf).
+    """
+    torch = require_oracle("torch")
+    mirror = require_oracle("uika_jax.testing.gsplat_mirror")
     t = {k: torch.tensor(scene[k]).requires_grad_(grad) for k in KEYS}
-    bg_leaf = None if backgrounds is None else torch.tensor(backgrounds).requires_grad_(grad)
-    bg = bg_leaf
-    radii, _, _, _ = gsplat_project(torch, ti, scene)
-    covars, _ = ti._quat_scale_to_covar_preci(t["quats"], t["scales"], compute_preci=False)
-    _, means2d, depths, conics, _ = ti._fully_fused_projection(
-        t["means"], covars, t["viewmats"], t["Ks"], w, h
+    bg = None if backgrounds is None else torch.tensor(backgrounds).requires_grad_(grad)
+    rc, ra, radii, flat = mirror.render(
+        **t,
+        width=scene["width"],
+        height=scene["height"],
+        backgrounds=bg,
+        render_mode=render_mode,
     )
-    c = means2d.shape[0]
-    tw, th = binning.tile_grid(w, h, 16)
-    _tpg, isect_ids, flat = ti._isect_tiles(means2d, radii, depths, 16, tw, th)
-    offsets = ti._isect_offset_encode(isect_ids, c, tw, th)
-    op = t["opacities"][None].expand(c, -1)
-    colors = t["colors"][None].expand(c, -1, -1)
-    if render_mode == "RGB+D":
-        colors = torch.cat([colors, depths[..., None]], -1)
-        if bg is not None:
-            bg = torch.cat([bg, torch.zeros(c, 1)], -1)
-    rc, ra = composite_torch(torch, means2d, conics, colors, op, w, h, 16, offsets, flat, bg)
-    return rc, ra, radii, flat, t, bg_leaf
+    return rc, ra, radii, flat, t, bg
 
 
 def _frac_close(a, b, tol=1e-4):
@@ -58,10 +51,8 @@ SCENES = [(1, 600, 128, 96, 3), (2, 400, 70, 45, 2), (3, 150, 40, 70, 1)]
 @pytest.mark.oracle
 @pytest.mark.parametrize("seed,n,w,h,c", SCENES)
 def test_forward_parity_with_gsplat(seed, n, w, h, c):
-    torch = require_oracle("torch")
-    ti = require_oracle("gsplat.cuda._torch_impl")
     scene = random_scene(seed, n, w, h, c)
-    rc, ra, radii, flat, _, _ = _gsplat_render(torch, ti, scene)
+    rc, ra, radii, flat, _, _ = _gsplat_render(scene)
     render, alphas, meta = rasterization(*_args(scene), w, h, config=RasterConfig(strict=True))
     np.testing.assert_array_equal(np.asarray(meta["radii"]), radii.numpy())
     total = int(meta["n_isects"])
@@ -77,11 +68,10 @@ def test_forward_parity_with_gsplat(seed, n, w, h, c):
 @pytest.mark.parametrize("render_mode", ["RGB", "RGB+D"])
 def test_gradient_parity_with_gsplat(render_mode):
     torch = require_oracle("torch")
-    ti = require_oracle("gsplat.cuda._torch_impl")
     w, h, c = 70, 45, 2
     scene = random_scene(2, 300, w, h, c)
     bg = np.random.default_rng(1).uniform(0, 1, (c, 3)).astype(np.float32)
-    rc, ra, _, _, t, tbg = _gsplat_render(torch, ti, scene, bg, render_mode, grad=True)
+    rc, ra, _, _, t, tbg = _gsplat_render(scene, bg, render_mode, grad=True)
     rng = np.random.default_rng(2)
     wc = rng.normal(size=rc.shape).astype(np.float32)
     wa = rng.normal(size=ra.shape).astype(np.float32)
