@@ -13,11 +13,10 @@ Prints a table of median milliseconds per call.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
+from timing import median_ms
 
 from uika_jax.head.lbs import flame_forward
 from uika_jax.head.model import HeadModel
@@ -40,18 +39,6 @@ def flame_size_model(seed: int = 0) -> HeadModel:
         j_regressor=regressor / regressor.sum(1, keepdims=True),
         lbs_weights=weights / weights.sum(1, keepdims=True),
     )
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of fn() in milliseconds, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -84,14 +71,16 @@ def main() -> None:
         betas = rng.normal(size=(batch, NUM_SHAPE + NUM_EXPRESSION)).astype(np.float32)
         pose = rng.normal(scale=0.3, size=(batch, NUM_JOINTS, 3)).astype(np.float32)
         jax_args = [jax.device_put(a) for a in (betas[:, :NUM_SHAPE], betas[:, NUM_SHAPE:], pose)]
-        ours = median_ms(lambda a=jax_args: jax.block_until_ready(forward(model, *a)), args.repeats)
+        ours = median_ms(
+            lambda a=jax_args: jax.block_until_ready(forward(model, *a)), args.repeats, warmup=2
+        )
         torch_betas, torch_pose = torch.tensor(betas), torch.tensor(pose.reshape(batch, -1))
 
         def smplx_call(torch_betas=torch_betas, torch_pose=torch_pose):
             with torch.no_grad():
                 smplx_lbs(torch_betas, torch_pose, **torch_model)
 
-        theirs = median_ms(smplx_call, args.repeats)
+        theirs = median_ms(smplx_call, args.repeats, warmup=2)
         print(f"{batch:>6} | {ours:>14.3f} | {theirs:>11.3f} | {theirs / ours:>7.2f}x")
 
 

@@ -50,13 +50,13 @@ import ctypes
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
 import time
 
 import numpy as np
+from timing import median_ms
 
 MIB = 2.0**20
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -144,17 +144,6 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, _rss())
         self.growth = self.peak - self.start
-
-
-def median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 # ---------------------------------------------------------------- ours
