@@ -34,7 +34,7 @@ MAX_ALPHA = 0.999
 T_THRESHOLD = 1e-4
 
 
-def _pixel_centres(n_cams: int, width: int, height: int, tile_size: int):
+def _pixel_centres(n_cams: int, width: int, height: int, tile_size: int, dtype):
     """Pixel centres (T, P) of every tile of every camera, and which lie inside the image."""
     tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
     p = jnp.arange(tile_size * tile_size)
@@ -42,7 +42,17 @@ def _pixel_centres(n_cams: int, width: int, height: int, tile_size: int):
     col = (t % tiles_x)[:, None] * tile_size + (p % tile_size)[None, :]
     row = (t // tiles_x)[:, None] * tile_size + (p // tile_size)[None, :]
     inside = (col < width) & (row < height)
-    return col.astype(jnp.float32) + 0.5, row.astype(jnp.float32) + 0.5, inside
+    return col.astype(dtype) + 0.5, row.astype(dtype) + 0.5, inside
+
+
+def _flatten_gaussians(means2d, conics, opacities, colors):
+    """Per-Gaussian attributes with the camera axis folded in, as `_gather` indexes them."""
+    return (
+        means2d.reshape(-1, 2),
+        conics.reshape(-1, 3),
+        opacities.reshape(-1),
+        colors.reshape(-1, colors.shape[-1]),
+    )
 
 
 def tiles_to_image(x: jax.Array, n_cams: int, width: int, height: int, tile_size: int):
@@ -102,14 +112,8 @@ def _forward(means2d, conics, opacities, colors, flat_ids, tile_start, limit, di
     n_cams, width, height, tile_size = dims
     dtype = colors.dtype
     d = colors.shape[-1]
-    flat = (
-        means2d.reshape(-1, 2),
-        conics.reshape(-1, 3),
-        opacities.reshape(-1),
-        colors.reshape(-1, d),
-    )
-    px, py = (x.astype(dtype) for x in _pixel_centres(n_cams, width, height, tile_size)[:2])
-    inside = _pixel_centres(n_cams, width, height, tile_size)[2]
+    flat = _flatten_gaussians(means2d, conics, opacities, colors)
+    px, py, inside = _pixel_centres(n_cams, width, height, tile_size, dtype)
     n_t, n_p = px.shape
     kmax = jnp.max(limit, initial=0)
 
@@ -165,14 +169,8 @@ def _composite_bwd(dims, res, cts):
     v_acc, v_t = cts[0], cts[1]
     dtype = colors.dtype
     d = colors.shape[-1]
-    flat = (
-        means2d.reshape(-1, 2),
-        conics.reshape(-1, 3),
-        opacities.reshape(-1),
-        colors.reshape(-1, d),
-    )
-    px, py, _ = _pixel_centres(n_cams, width, height, tile_size)
-    px, py = px.astype(dtype), py.astype(dtype)
+    flat = _flatten_gaussians(means2d, conics, opacities, colors)
+    px, py, _ = _pixel_centres(n_cams, width, height, tile_size, dtype)
     n_slots = flat_ids.shape[0]
     width_g = 6 + d
 
