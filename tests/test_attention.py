@@ -45,11 +45,8 @@ def test_xla_matches_numpy():
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, mask), atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [5, 16, 64])
-def test_chunked_equals_xla(chunk):
-    q, k, v, mask = _inputs()
-    cfg = AttentionConfig("chunked", chunk_size=chunk)
-    out = attention(q, k, v, mask, config=cfg)
+def _assert_matches_xla(cfg, out, q, k, v, mask):
+    """`out` (attention under `cfg`), the loss and its gradients equal the xla backend's."""
     np.testing.assert_allclose(out, attention(q, k, v, mask), atol=1e-5)
     (loss_ref, g_ref), (loss, g) = (
         _loss_and_grads(c, q, k, v, mask) for c in (AttentionConfig(), cfg)
@@ -57,6 +54,14 @@ def test_chunked_equals_xla(chunk):
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 64])
+def test_chunked_equals_xla(chunk):
+    q, k, v, mask = _inputs()
+    cfg = AttentionConfig("chunked", chunk_size=chunk)
+    out = attention(q, k, v, mask, config=cfg)
+    _assert_matches_xla(cfg, out, q, k, v, mask)
 
 
 def test_chunked_bf16_close():
@@ -71,13 +76,7 @@ def test_splash_interpret_equals_xla():
     q, k, v, mask = _inputs()
     cfg = AttentionConfig("splash", splash_interpret=True)
     out = jax.jit(lambda q, k, v: attention(q, k, v, mask, config=cfg))(q, k, v)
-    np.testing.assert_allclose(out, attention(q, k, v, mask), atol=1e-5)
-    (loss_ref, g_ref), (loss, g) = (
-        _loss_and_grads(c, q, k, v, mask) for c in (AttentionConfig(), cfg)
-    )
-    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-    for a, b in zip(g, g_ref, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    _assert_matches_xla(cfg, out, q, k, v, mask)
 
 
 def test_splash_under_mesh_shard_map():
