@@ -45,8 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uika_jax.models.dpt import DPT, DPTConfig
-from uika_jax.models.frozen import FrozenParam
-from uika_jax.models.vit import ViT, ViTConfig, normalize_imagenet
+from uika_jax.models.vit import ViTConfig, backbone_vit, normalize_imagenet
 
 SYNTHETIC_MIRROR_U = 0.5
 """Mirror axis u = c of the built-in synthetic head's UV layout."""
@@ -126,13 +125,7 @@ class CorrespondenceEstimator(nnx.Module):
         self.layers = layers
         self.dtype = dtype
         self.train_backbone = train_backbone
-        self.vit = ViT(
-            vit_config,
-            param_type=nnx.Param if train_backbone else FrozenParam,
-            dtype=dtype,
-            stop_gradient=not train_backbone,
-            rngs=rngs,
-        )
+        self.vit = backbone_vit(vit_config, trainable=train_backbone, dtype=dtype, rngs=rngs)
         self.dpt = DPT(dpt_config, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> CorrespondenceOutput:

@@ -53,8 +53,7 @@ from flax import nnx
 from uika_jax.models import vit_layers
 from uika_jax.models.correspondence import default_taps
 from uika_jax.models.dpt import Conv2d
-from uika_jax.models.frozen import FrozenParam
-from uika_jax.models.vit import ViT, ViTConfig, normalize_imagenet
+from uika_jax.models.vit import ViT, ViTConfig, backbone_vit, normalize_imagenet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,13 +254,7 @@ class DualEncoder(nnx.Module):
         self.train_backbone = train_backbone
         self.dtype = dtype
         if vit is None:
-            vit = ViT(
-                vit_config,
-                param_type=nnx.Param if train_backbone else FrozenParam,
-                dtype=dtype,
-                stop_gradient=not train_backbone,
-                rngs=rngs,
-            )
+            vit = backbone_vit(vit_config, trainable=train_backbone, dtype=dtype, rngs=rngs)
         elif vit.config != vit_config or vit.stop_gradient != (not train_backbone):
             raise ValueError(
                 "the given vit does not match vit_config / train_backbone "

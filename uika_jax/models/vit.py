@@ -324,3 +324,20 @@ class ViT(nnx.Module):
             feature_cls=tuple(taps[i][:, 0] for i in ids),
         )
         return jax.lax.stop_gradient(out) if self.stop_gradient else out
+
+
+def backbone_vit(
+    config: ViTConfig, *, trainable: bool, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs
+) -> ViT:
+    """A backbone ViT: frozen unless `trainable`.
+
+    Frozen means FrozenParam weights (outside the optimizer's `wrt=nnx.Param`) and
+    outputs under stop_gradient; trainable means nnx.Param weights and gradients.
+    """
+    return ViT(
+        config,
+        param_type=nnx.Param if trainable else FrozenParam,
+        dtype=dtype,
+        stop_gradient=not trainable,
+        rngs=rngs,
+    )
