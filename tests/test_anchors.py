@@ -6,9 +6,9 @@ import pytest
 from conftest import require_oracle
 
 from uika_jax.head.anchors import anchor_attributes, anchors_at, deform_anchors, make_anchors
-from uika_jax.head.io import load_head_model
 from uika_jax.head.lbs import FlameParams, flame_forward
 from uika_jax.head.model import HeadModel
+from uika_jax.synthetic.head import synthetic_head_model
 
 
 def _random_model(rng, num_vertices=60, num_faces=80) -> HeadModel:
@@ -127,7 +127,7 @@ def test_rigidly_attached_anchor_turns_with_its_joint():
 
 @pytest.fixture(scope="module")
 def synthetic_head():
-    return load_head_model()
+    return synthetic_head_model()
 
 
 def test_make_anchors_covers_the_uv_mask_deterministically(synthetic_head):

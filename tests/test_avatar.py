@@ -71,9 +71,10 @@ def _model(config=CONFIG, seed=0) -> UIKA:
 @functools.cache
 def _views():
     """(B, N, S, S, ...) renders of the synthetic head: images, image UV, face masks."""
-    from uika_jax.head.albedo import synthetic_albedo
-    from uika_jax.head.mesh_render import render_mesh
+    from uika_jax.head.uv_raster import corner_image_uv
     from uika_jax.render import camera
+    from uika_jax.render.mesh_render import render_mesh
+    from uika_jax.synthetic.albedo import synthetic_albedo
 
     head, _ = _head()
     texture = synthetic_albedo(0, 64)
@@ -83,7 +84,19 @@ def _views():
     renders = []
     for yaw in YAWS:
         viewmat, K = camera.framing_camera(centre, height, S, yaw_deg=yaw)
-        renders.append(render_mesh(v0, head, viewmat, K, S, S, texture=texture, background=1.0))
+        renders.append(
+            render_mesh(
+                v0,
+                head.faces,
+                viewmat,
+                K,
+                S,
+                S,
+                corner_uv=corner_image_uv(head),
+                texture=texture,
+                background=1.0,
+            )
+        )
     views = [
         np.stack([np.asarray(getattr(r, k)) for r in renders])
         for k in ("image", "image_uv", "mask")

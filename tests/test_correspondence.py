@@ -50,11 +50,12 @@ def model():
 
 def _render(yaw, beta_seed=None):
     """A 56 x 56 render of the synthetic head (identity from a seed, or the template)."""
-    from uika_jax.head.io import load_head_model
-    from uika_jax.head.mesh_render import render_mesh
+    from uika_jax.head.uv_raster import corner_image_uv
     from uika_jax.render import camera
+    from uika_jax.render.mesh_render import render_mesh
+    from uika_jax.synthetic.head import synthetic_head_model
 
-    head = load_head_model()
+    head = synthetic_head_model()
     v0 = np.asarray(head.v_template)
     centre = (v0.min(0) + v0.max(0)) / 2
     height = float(v0[:, 1].max() - v0[:, 1].min())
@@ -64,7 +65,16 @@ def _render(yaw, beta_seed=None):
         beta = np.random.RandomState(beta_seed).randn(shapedirs.shape[-1]).astype(np.float32)
         vertices = v0 + shapedirs @ beta
     viewmat, K = camera.framing_camera(centre, height, SIZE, yaw_deg=yaw, pitch_deg=5.0)
-    return render_mesh(vertices, head, viewmat, K, SIZE, SIZE, background=0.5)
+    return render_mesh(
+        vertices,
+        head.faces,
+        viewmat,
+        K,
+        SIZE,
+        SIZE,
+        corner_uv=corner_image_uv(head),
+        background=0.5,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Tests for the z-buffer triangle rasterizer (uika_jax.head.mesh_raster)."""
+"""Tests for the z-buffer triangle rasterizer (uika_jax.render.mesh_raster)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uika_jax.head.mesh_raster import interpolate, needed_extent, rasterize_triangles
+from uika_jax.render.mesh_raster import interpolate, needed_extent, rasterize_triangles
 
 
 def brute_force_inside(tri: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -5,17 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uika_jax.head.mesh_raster import interpolate, rasterize_triangles
-from uika_jax.head.mesh_render import mesh_extent, render_mesh, vertex_normals
 from uika_jax.head.model import HeadModel
 from uika_jax.head.uv_raster import (
+    corner_image_uv,
     image_uv_to_texel,
-    sample_texture,
     texel_centers,
     uv_rasterize,
     uv_to_image_uv,
 )
 from uika_jax.render import camera
+from uika_jax.render.mesh_raster import interpolate, rasterize_triangles
+from uika_jax.render.mesh_render import mesh_extent, render_mesh, sample_texture, vertex_normals
 
 
 def make_model(vertices, faces, uv_coords=None, uv_faces=None) -> HeadModel:
@@ -156,7 +156,17 @@ def test_render_plane_uv_matches_ray_intersection_and_texture():
     model = plane_model()
     viewmat, K = front_camera(size)
     texture = jnp.asarray(np.random.default_rng(0).random((16, 16, 3)), jnp.float32)
-    out = render_mesh(model.v_template, model, viewmat, K, size, size, texture=texture, ambient=1.0)
+    out = render_mesh(
+        model.v_template,
+        model.faces,
+        viewmat,
+        K,
+        size,
+        size,
+        corner_uv=corner_image_uv(model),
+        texture=texture,
+        ambient=1.0,
+    )
     mask = np.asarray(out.mask)
     assert 0.2 < mask.mean() < 0.9 and int(out.overflow) == 0
 
@@ -195,7 +205,17 @@ def test_render_round_trip_through_a_coordinate_texture():
     viewmat, K = front_camera(size, yaw=-20.0, pitch=10.0)
     centres = np.asarray(texel_centers(resolution))
     texture = np.concatenate([centres, np.zeros((resolution, resolution, 1))], -1)
-    out = render_mesh(model.v_template, model, viewmat, K, size, size, texture=texture, ambient=1.0)
+    out = render_mesh(
+        model.v_template,
+        model.faces,
+        viewmat,
+        K,
+        size,
+        size,
+        corner_uv=corner_image_uv(model),
+        texture=texture,
+        ambient=1.0,
+    )
     image_uv = np.asarray(out.image_uv)
     image = np.asarray(out.image)
     # Bilinear sampling reproduces a linear ramp away from the half-texel border.
@@ -219,19 +239,23 @@ def test_render_occlusion_and_shading():
     model = make_model(vertices, faces)
     size = 32
     viewmat, K = front_camera(size, yaw=0.0, pitch=0.0)
-    out = render_mesh(vertices, model, viewmat, K, size, size, background=0.0)
+    out = render_mesh(vertices, model.faces, viewmat, K, size, size, background=0.0)
     tid = np.asarray(out.triangle_id)
     assert out.image_uv is None
     assert tid[size // 2, size // 2] in (2, 3) and tid[6, size // 2] in (0, 1)
     image = np.asarray(out.image)
     assert np.all(image[~np.asarray(out.mask)] == 0)
     assert np.all((image >= 0) & (image <= 1))
-    lit = render_mesh(vertices, model, viewmat, K, size, size, light_dir=(0, 0, -1), ambient=0.2)
+    lit = render_mesh(
+        vertices, model.faces, viewmat, K, size, size, light_dir=(0, 0, -1), ambient=0.2
+    )
     np.testing.assert_allclose(np.asarray(lit.image)[np.asarray(lit.mask)], 0.7, atol=1e-5)
-    dark = render_mesh(vertices, model, viewmat, K, size, size, light_dir=(0, 0, 1), ambient=0.2)
+    dark = render_mesh(
+        vertices, model.faces, viewmat, K, size, size, light_dir=(0, 0, 1), ambient=0.2
+    )
     np.testing.assert_allclose(np.asarray(dark.image)[np.asarray(dark.mask)], 0.7 * 0.2, atol=1e-5)
-    with pytest.raises(ValueError, match="needs a UV layout"):
-        render_mesh(vertices, model, viewmat, K, size, size, texture=np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="needs corner_uv"):
+        render_mesh(vertices, model.faces, viewmat, K, size, size, texture=np.zeros((4, 4, 3)))
 
 
 def test_render_jit_and_vmap_over_cameras():
@@ -242,15 +266,30 @@ def test_render_jit_and_vmap_over_cameras():
     extent = max(mesh_extent(model.v_template, model.faces, v, K, size, size) for v in viewmats)
 
     def render(viewmat):
-        return render_mesh(model.v_template, model, viewmat, K, size, size, max_extent=extent)
+        return render_mesh(
+            model.v_template,
+            model.faces,
+            viewmat,
+            K,
+            size,
+            size,
+            corner_uv=corner_image_uv(model),
+            max_extent=extent,
+        )
 
     batched = jax.jit(jax.vmap(render))(viewmats)
     assert batched.image.shape == (3, size, size, 3)
-    eager = render_mesh(model.v_template, model, viewmats[2], K, size, size)
+    eager = render_mesh(
+        model.v_template, model.faces, viewmats[2], K, size, size, corner_uv=corner_image_uv(model)
+    )
     np.testing.assert_allclose(batched.image[2], eager.image, atol=1e-6)
     np.testing.assert_array_equal(batched.overflow, 0)
     with pytest.raises(ValueError, match="max_extent"):
-        jax.jit(lambda v: render_mesh(v, model, viewmats[0], K, size, size))(model.v_template)
+        jax.jit(
+            lambda v: render_mesh(
+                v, model.faces, viewmats[0], K, size, size, corner_uv=corner_image_uv(model)
+            )
+        )(model.v_template)
 
 
 def test_interpolate_uses_corner_attributes():
@@ -267,7 +306,17 @@ def test_render_gradients_are_finite():
     texture = jnp.full((8, 8, 3), 0.5)
 
     def loss(vertices, texture):
-        out = render_mesh(vertices, model, viewmat, K, size, size, texture=texture, max_extent=24)
+        out = render_mesh(
+            vertices,
+            model.faces,
+            viewmat,
+            K,
+            size,
+            size,
+            corner_uv=corner_image_uv(model),
+            texture=texture,
+            max_extent=24,
+        )
         return jnp.sum(out.image) + jnp.sum(out.image_uv) + jnp.sum(out.normals)
 
     grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(model.v_template), texture)

@@ -12,15 +12,16 @@ import pytest
 from conftest import require_oracle
 from PIL import Image
 
-from uika_jax.head import synthetic_mesh as mesh
-from uika_jax.head.preview import COLUMNS, identity_camera, main, render_identity
-from uika_jax.head.synthetic import (
+from uika_jax.render.camera import HEAD_FRACTION, project, world_to_camera
+from uika_jax.synthetic import mesh as mesh
+from uika_jax.synthetic.head import (
     framing_landmarks,
     identity_coefficients,
     synthetic_head_model,
     synthetic_layout,
 )
-from uika_jax.render.camera import HEAD_FRACTION, project, world_to_camera
+from uika_jax.synthetic.preview import COLUMNS, main
+from uika_jax.synthetic.views import identity_camera, render_identity
 
 NUM_IDENTITIES = 12
 SIZE = 256
@@ -109,6 +110,10 @@ def test_render_identity_follows_the_face_framing(model):
 
 def test_cli_writes_a_contact_sheet(tmp_path, capsys):
     out = tmp_path / "sheet" / "head.png"
+    with pytest.raises(SystemExit):  # a missing folder is refused, not created
+        main(["--out", str(out), "--identities", "2", "--size", "48"])
+    assert not out.parent.exists()
+    out.parent.mkdir()
     main(["--out", str(out), "--identities", "2", "--size", "48"])
     sheet = np.asarray(Image.open(out))
     assert sheet.shape == (2 * 48, len(COLUMNS) * 48, 3)

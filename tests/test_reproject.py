@@ -178,13 +178,13 @@ def test_shape_errors():
 @pytest.fixture(scope="module")
 def head_views():
     """9 unshaded renders (ambient 1: image = texture(uv)) of the synthetic head, + texture."""
-    from uika_jax.head.albedo import synthetic_albedo
-    from uika_jax.head.io import load_head_model
-    from uika_jax.head.mesh_render import render_mesh
-    from uika_jax.head.uv_raster import uv_rasterize
+    from uika_jax.head.uv_raster import corner_image_uv, uv_rasterize
     from uika_jax.render import camera
+    from uika_jax.render.mesh_render import render_mesh
+    from uika_jax.synthetic.albedo import synthetic_albedo
+    from uika_jax.synthetic.head import synthetic_head_model
 
-    head = load_head_model()
+    head = synthetic_head_model()
     texture = synthetic_albedo(0, 2 * R_HEAD)
     v0 = np.asarray(head.v_template)
     centre = (v0.min(0) + v0.max(0)) / 2
@@ -193,7 +193,17 @@ def head_views():
     for yaw, pitch in HEAD_VIEWS:
         viewmat, K = camera.framing_camera(centre, height, S_HEAD, yaw_deg=yaw, pitch_deg=pitch)
         renders.append(
-            render_mesh(v0, head, viewmat, K, S_HEAD, S_HEAD, texture=texture, ambient=1.0)
+            render_mesh(
+                v0,
+                head.faces,
+                viewmat,
+                K,
+                S_HEAD,
+                S_HEAD,
+                corner_uv=corner_image_uv(head),
+                texture=texture,
+                ambient=1.0,
+            )
         )
     images, uv, mask = (
         np.stack([getattr(r, k) for r in renders]) for k in ("image", "image_uv", "mask")

@@ -4,13 +4,15 @@ import jax
 import numpy as np
 import pytest
 
-from uika_jax.head import synthetic_mesh as mesh
-from uika_jax.head import synthetic_sculpt as sculpt
-from uika_jax.head.albedo import synthetic_albedo
 from uika_jax.head.lbs import flame_forward
-from uika_jax.head.mesh_render import render_mesh
 from uika_jax.head.model import validate_head_model
-from uika_jax.head.synthetic import (
+from uika_jax.head.uv_raster import corner_image_uv
+from uika_jax.render.camera import framing_camera
+from uika_jax.render.mesh_render import render_mesh
+from uika_jax.synthetic import mesh as mesh
+from uika_jax.synthetic import sculpt as sculpt
+from uika_jax.synthetic.albedo import synthetic_albedo
+from uika_jax.synthetic.head import (
     EXPRESSION_NAMES,
     EXPRESSION_PRESETS,
     NUM_EXPRESSION,
@@ -21,7 +23,6 @@ from uika_jax.head.synthetic import (
     synthetic_head_model,
     synthetic_layout,
 )
-from uika_jax.render.camera import framing_camera
 
 forward = jax.jit(flame_forward)
 
@@ -227,7 +228,9 @@ def test_jaw_opens_the_mouth(model, layout):
 def _part_pixels(model, layout, vertices, part):
     """Pixels of a frontal, face-framed 256 x 256 render that show a mesh part."""
     viewmat, K = framing_camera(np.array([0.0, 0.01, 0.0]), 0.23, 256)
-    render = render_mesh(vertices, model, viewmat, K, 256, 256, max_extent=16)
+    render = render_mesh(
+        vertices, model.faces, viewmat, K, 256, 256, corner_uv=corner_image_uv(model), max_extent=16
+    )
     assert int(render.overflow) == 0
     triangles = np.asarray(render.triangle_id)
     face_part = layout.part[model.faces[:, 0]]

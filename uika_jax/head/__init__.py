@@ -1,7 +1,7 @@
-"""The FLAME-format head model: file io, LBS, UV anchors, the built-in synthetic head.
+"""The FLAME-format head model: file io, LBS, rotations, the UV layout and anchors.
 
 Import from the modules: `io` (load_head_model, save_head_model), `lbs`
-(flame_forward, FlameParams), `anchors` (make_anchors, deform_anchors),
-`uv_raster` (the UV convention), `mesh_render` (render_mesh), `synthetic`
-(synthetic_head_model), `albedo` (synthetic_albedo), `preview` (contact sheet).
+(flame_forward, FlameParams), `rotations`, `uv_raster` (the UV convention and
+the rasterized UV layout), `anchors` (make_anchors, deform_anchors). The built-in
+procedural head lives in `uika_jax.synthetic`, the renderers in `uika_jax.render`.
 """

@@ -340,18 +340,20 @@ def flame_source(file_name: str) -> str:
 
 
 def load_head_model(
-    model_path: _PathLike | None = None,
+    model_path: _PathLike,
     uv_path: _PathLike | None = None,
     *,
     num_shape_in_file: int = NUM_SHAPE_IN_FILE,
 ) -> HeadModel:
-    """Loads a FLAME-format head model, or the built-in synthetic head.
+    """Loads a FLAME-format head model file.
+
+    The built-in procedural head needs no file: `uika_jax.synthetic.head.synthetic_head_model()`.
 
     Args:
       model_path: an official FLAME `.pkl` (FLAME 2020, 2023, 2023 Open; chumpy
         or plain numpy arrays, sparse or dense J_regressor), an `.npz` holding
         the same FLAME keys, or an `.npz` written by `save_head_model` /
-        `python -m uika_jax.head.convert`. None: the built-in synthetic head.
+        `python -m uika_jax.head.convert`.
       uv_path: optional UV layout, `head_template.obj` or `FLAME_texture.npz`;
         it replaces a layout stored in the model file.
       num_shape_in_file: identity components at the front of a FLAME
@@ -369,13 +371,6 @@ def load_head_model(
         a FLAME model, holds a forbidden pickle global, or has bad shapes or
         values.
     """
-    if model_path is None:
-        if uv_path is not None:
-            raise ValueError("uv_path applies to a FLAME model file; pass model_path as well")
-        from uika_jax.head.synthetic import synthetic_head_model
-
-        return validate_head_model(synthetic_head_model(), origin="synthetic")
-
     path = Path(model_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: head model file not found")

@@ -23,8 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from uika_jax.head.mesh_raster import rasterize_triangles
 from uika_jax.head.model import HeadModel
+from uika_jax.render.mesh_raster import rasterize_triangles
 
 
 def uv_to_image_uv(uv: jax.Array) -> jax.Array:
@@ -55,35 +55,6 @@ def texel_centers(resolution: int) -> jax.Array:
     return jnp.stack([cols, rows], axis=-1)
 
 
-def sample_texture(texture: jax.Array, image_uv: jax.Array) -> jax.Array:
-    """Samples a texture bilinearly at image-UV points, clamping to the edge texels.
-
-    Differentiable with respect to the texture and to the points.
-
-    Args:
-      texture: (Ht, Wt, C) map; texel (i, j) has its centre at image UV
-        ((j + 0.5) / Wt, (i + 0.5) / Ht) (Ht = Wt = R for UV maps).
-      image_uv: (..., 2) image-UV points.
-
-    Returns:
-      (..., C) sampled values.
-    """
-    texture = jnp.asarray(texture)
-    image_uv = jnp.asarray(image_uv)
-    tex_h, tex_w = texture.shape[:2]
-    x = image_uv[..., 0] * tex_w - 0.5
-    y = image_uv[..., 1] * tex_h - 0.5
-    x0, y0 = jnp.floor(x), jnp.floor(y)
-    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
-    c0 = jnp.clip(x0, 0, tex_w - 1).astype(jnp.int32)
-    c1 = jnp.clip(x0 + 1, 0, tex_w - 1).astype(jnp.int32)
-    r0 = jnp.clip(y0, 0, tex_h - 1).astype(jnp.int32)
-    r1 = jnp.clip(y0 + 1, 0, tex_h - 1).astype(jnp.int32)
-    top = texture[r0, c0] * (1 - fx) + texture[r0, c1] * fx
-    bottom = texture[r1, c0] * (1 - fx) + texture[r1, c1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class UVRaster:
@@ -104,6 +75,21 @@ class UVRaster:
     overflow: jax.Array
 
 
+def corner_image_uv(model: HeadModel) -> jax.Array:
+    """Returns (F, 3, 2) the image UV of every face corner (through `uv_faces`, so seams are exact).
+
+    This is what `uika_jax.render.mesh_render.render_mesh` takes as `corner_uv`.
+
+    Args:
+      model: a head model with a UV layout.
+
+    Raises:
+      ValueError: if the model has no UV layout.
+    """
+    model.require_uv("corner_image_uv")
+    return uv_to_image_uv(jnp.asarray(model.uv_coords)[jnp.asarray(model.uv_faces)])
+
+
 def uv_triangles(model: HeadModel, resolution: int) -> jax.Array:
     """Returns (F, 3, 2) the UV triangles of the faces in texel image coordinates.
 
@@ -115,7 +101,7 @@ def uv_triangles(model: HeadModel, resolution: int) -> jax.Array:
       ValueError: if the model has no UV layout.
     """
     model.require_uv("uv_triangles")
-    return uv_to_image_uv(jnp.asarray(model.uv_coords)[jnp.asarray(model.uv_faces)]) * resolution
+    return corner_image_uv(model) * resolution
 
 
 def uv_rasterize(model: HeadModel, resolution: int, *, max_extent: int | None = None) -> UVRaster:

@@ -71,6 +71,7 @@ from uika_jax.models.reproject import Reprojection, reproject
 from uika_jax.models.transformer import UVTransformer
 from uika_jax.models.vit import ViTConfig, normalize_imagenet
 from uika_jax.render import RasterConfig, rasterization
+from uika_jax.synthetic.head import synthetic_head_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +408,7 @@ def build_head(config: ml_collections.ConfigDict) -> tuple[HeadModel, Anchors]:
       (head model, anchors): pytrees of NumPy arrays, to pass to `reconstruct` and `drive`.
     """
     h = config.head
-    head = load_head_model(h.model_path, h.uv_path) if h.model_path else load_head_model()
+    head = load_head_model(h.model_path, h.uv_path) if h.model_path else synthetic_head_model()
     return head, make_anchors(head, config.model.decoder.map_size, h.num_anchors)
 
 

@@ -2,7 +2,7 @@
 
 `synthetic_albedo(seed, resolution)` paints an R x R UV map (the convention of
 `uika_jax.head.uv_raster`: texel (i, j) at u = (j + 0.5) / R, v = 1 - (i + 0.5) / R)
-for the UV layout of `uika_jax.head.synthetic`. Every texel knows the point of
+for the UV layout of `uika_jax.synthetic.head`. Every texel knows the point of
 the template it shows (`surface_maps`), and the painting is a function of that
 point: a skin tone with mottling, freckles and blush; hair on the crown and the
 back with a hairline; eyebrows, lash lines and eye shadow; lips; nostrils;
@@ -19,10 +19,10 @@ import functools
 
 import numpy as np
 
-from uika_jax.head import synthetic_mesh as mesh
-from uika_jax.head import synthetic_sculpt as sculpt
-from uika_jax.head.synthetic import synthetic_head_model, synthetic_layout
 from uika_jax.head.uv_raster import uv_rasterize
+from uika_jax.synthetic import mesh as mesh
+from uika_jax.synthetic import sculpt as sculpt
+from uika_jax.synthetic.head import synthetic_head_model, synthetic_layout
 
 SKIN_TONES = np.array(
     [

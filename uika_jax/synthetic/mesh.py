@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from uika_jax.head import synthetic_sculpt as sculpt
+from uika_jax.synthetic import sculpt as sculpt
 
 NUM_COLUMNS = 66
 """Skin columns (even: the face's midline and the seam are columns)."""

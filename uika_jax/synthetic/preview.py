@@ -1,6 +1,6 @@
 """A contact sheet of the built-in synthetic head: identities x expressions x views.
 
-    python -m uika_jax.head.preview --out head.png [--identities 6 --size 256]
+    python -m uika_jax.synthetic.preview --out head.png [--identities 6 --size 256]
 
 Rows are identities (shape coefficients from `identity_coefficients(seed)`,
 albedo from `synthetic_albedo(seed)`); columns are views and expressions
@@ -17,21 +17,12 @@ import dataclasses
 import os
 import tempfile
 
-import jax
 import numpy as np
 from PIL import Image
 
-from uika_jax.head.albedo import synthetic_albedo
-from uika_jax.head.lbs import flame_forward
-from uika_jax.head.mesh_render import MeshRender, render_mesh
-from uika_jax.head.model import HeadModel
-from uika_jax.head.synthetic import (
-    expression_preset,
-    framing_landmarks,
-    identity_coefficients,
-    synthetic_head_model,
-)
-from uika_jax.render.camera import framing_camera
+from uika_jax.synthetic.albedo import synthetic_albedo
+from uika_jax.synthetic.head import synthetic_head_model
+from uika_jax.synthetic.views import render_identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,81 +54,6 @@ COLUMNS = (
     Column("pucker", "pucker", yaw_deg=-25.0),
     Column("turned_head", "talk", yaw_deg=20.0, neck=(0.15, 0.45, 0.1), gaze=(0.0, -0.3, 0.0)),
 )
-
-BACKGROUND = (0.82, 0.84, 0.87)
-"""Colour behind the heads (a light grey-blue)."""
-
-
-@jax.jit
-def _posed_vertices(model: HeadModel, shape, expression, pose):
-    return flame_forward(model, shape, expression, pose)[0]
-
-
-def identity_camera(
-    model: HeadModel, shape: np.ndarray, size: int, yaw_deg: float = 0.0, pitch_deg: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (viewmat, K) framing an identity's neutral head (crown to chin) per face framing.
-
-    Args:
-      model: a synthetic head model.
-      shape: identity coefficients (S,).
-      size: image side in pixels.
-      yaw_deg: camera orbit about +y; positive looks from the subject's left (+x).
-      pitch_deg: camera elevation.
-    """
-    expression = np.zeros(model.num_expression, np.float32)
-    neutral = np.asarray(_posed_vertices(model, shape, expression, np.zeros((5, 3), np.float32)))
-    crown, chin = framing_landmarks()
-    top, bottom = neutral[crown], neutral[chin]
-    centre = np.array([0.0, 0.5 * (top[1] + bottom[1]), 0.5 * (top[2] + bottom[2])])
-    return framing_camera(centre, top[1] - bottom[1], size, yaw_deg, pitch_deg)
-
-
-def render_identity(
-    model: HeadModel,
-    seed: int,
-    *,
-    expression: str = "neutral",
-    yaw_deg: float = 0.0,
-    pitch_deg: float = 0.0,
-    neck: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    gaze: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    size: int = 256,
-    texture: np.ndarray | None = None,
-    background=BACKGROUND,
-) -> MeshRender:
-    """Renders one synthetic identity, framed like the project's face images.
-
-    The camera frames the identity's neutral head (`identity_camera`) before the
-    pose is applied, so a turned head moves within the frame as it would.
-
-    Args:
-      model: a synthetic head model (`synthetic_head_model()`).
-      seed: identity seed: shape from `identity_coefficients`, albedo from
-        `synthetic_albedo` (unless `texture` is given).
-      expression: an `expression_preset` name (sets the jaw too).
-      yaw_deg: camera orbit about +y; positive looks from the subject's left (+x).
-      pitch_deg: camera elevation.
-      neck: axis-angle rotation of the neck joint.
-      gaze: axis-angle rotation of both eyes.
-      size: image side in pixels.
-      texture: albedo map; None paints `synthetic_albedo(seed, 256)`.
-      background: colour of empty pixels, a scalar or (3,).
-
-    Returns:
-      The `MeshRender` (image (size, size, 3) in [0, 1], mask, depth, ...).
-    """
-    shape = identity_coefficients(seed, model.num_shape)
-    expr, jaw = expression_preset(expression, model.num_expression)
-    viewmat, K = identity_camera(model, shape, size, yaw_deg, pitch_deg)
-    pose = np.zeros((5, 3), np.float32)
-    pose[1], pose[2], pose[3], pose[4] = neck, jaw, gaze, gaze
-    vertices = _posed_vertices(model, shape, expr, pose)
-    if texture is None:
-        texture = synthetic_albedo(seed, 256)
-    return render_mesh(
-        vertices, model, viewmat, K, size, size, texture=texture, background=background
-    )
 
 
 def make_contact_sheet(
@@ -181,9 +97,14 @@ def make_contact_sheet(
 
 
 def write_png(image: np.ndarray, path: str) -> None:
-    """Writes an image atomically (a temporary file in the same folder, then os.replace)."""
+    """Writes an image atomically (a temporary file in the same folder, then os.replace).
+
+    Raises:
+      FileNotFoundError: if the folder of `path` does not exist (it is not created).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
     handle, temp = tempfile.mkstemp(suffix=".png", dir=folder)
     try:
         with os.fdopen(handle, "wb") as f:
@@ -205,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.identities < 1 or args.size < 16 or args.first_seed < 0:
         parser.error("--identities must be >= 1, --size >= 16 and --first-seed >= 0")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        parser.error(f"--out {args.out}: folder {folder} does not exist")
     write_png(make_contact_sheet(args.identities, args.size, args.first_seed), args.out)
     print(f"wrote {args.out}: {args.identities} identities x {len(COLUMNS)} columns")
 

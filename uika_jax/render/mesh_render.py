@@ -2,9 +2,14 @@
 
 `render_mesh` projects a head mesh with an OpenCV camera
 (`uika_jax.render.camera`), rasterizes it with the z-buffer rasterizer
-(`uika_jax.head.mesh_raster`) and returns the shaded image together with the
-per-pixel image UV (the project's UV convention, see `uika_jax.head.uv_raster`),
-mask, depth, visible face and camera-space normal.
+(`uika_jax.render.mesh_raster`) and returns the shaded image together with the
+per-pixel image UV, mask, depth, visible face and camera-space normal. It takes
+plain arrays (vertices, faces, per-corner image UV, texture), no head model.
+
+Image UV: both axes in [0, 1], the second pointing down like image rows; a
+texture of Ht x Wt texels has texel (i, j) centred at image UV
+((j + 0.5) / Wt, (i + 0.5) / Ht). (A head model's texture coordinates, v up,
+convert with `uika_jax.head.uv_raster.corner_image_uv`.)
 
 Shading: colour = albedo * (ambient + (1 - ambient) * max(0, n . l)), with n the
 interpolated, renormalized vertex normal and l the unit light direction, both in
@@ -21,15 +26,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from uika_jax.head.mesh_raster import (
+from uika_jax.render.camera import project, world_to_camera
+from uika_jax.render.mesh_raster import (
     EXTENT_QUANTUM,
     interpolate,
     needed_extent,
     rasterize_triangles,
 )
-from uika_jax.head.model import HeadModel
-from uika_jax.head.uv_raster import sample_texture, uv_to_image_uv
-from uika_jax.render.camera import project, world_to_camera
 
 DEFAULT_LIGHT_DIR = (0.3, -0.5, -1.0)
 """Camera-space direction towards the light: from the camera side, upper right."""
@@ -47,7 +50,7 @@ class MeshRender:
       image: (H, W, 3) float32 in [0, 1], shaded colour over the background.
       image_uv: (H, W, 2) float32 image UV of the surface point at each pixel
         (per face corner through `uv_faces`, so seams are exact); 0 where empty.
-        None if the model has no UV layout.
+        None if no `corner_uv` is given.
       mask: (H, W) bool, whether the mesh covers the pixel.
       depth: (H, W) float32 camera depth; +inf where empty.
       triangle_id: (H, W) int32 visible face, -1 where empty.
@@ -62,6 +65,35 @@ class MeshRender:
     triangle_id: jax.Array
     normals: jax.Array
     overflow: jax.Array
+
+
+def sample_texture(texture: jax.Array, image_uv: jax.Array) -> jax.Array:
+    """Samples a texture bilinearly at image-UV points, clamping to the edge texels.
+
+    Differentiable with respect to the texture and to the points.
+
+    Args:
+      texture: (Ht, Wt, C) map; texel (i, j) has its centre at image UV
+        ((j + 0.5) / Wt, (i + 0.5) / Ht) (Ht = Wt = R for UV maps).
+      image_uv: (..., 2) image-UV points.
+
+    Returns:
+      (..., C) sampled values.
+    """
+    texture = jnp.asarray(texture)
+    image_uv = jnp.asarray(image_uv)
+    tex_h, tex_w = texture.shape[:2]
+    x = image_uv[..., 0] * tex_w - 0.5
+    y = image_uv[..., 1] * tex_h - 0.5
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    c0 = jnp.clip(x0, 0, tex_w - 1).astype(jnp.int32)
+    c1 = jnp.clip(x0 + 1, 0, tex_w - 1).astype(jnp.int32)
+    r0 = jnp.clip(y0, 0, tex_h - 1).astype(jnp.int32)
+    r1 = jnp.clip(y0 + 1, 0, tex_h - 1).astype(jnp.int32)
+    top = texture[r0, c0] * (1 - fx) + texture[r0, c1] * fx
+    bottom = texture[r1, c0] * (1 - fx) + texture[r1, c1] * fx
+    return top * (1 - fy) + bottom * fy
 
 
 def vertex_normals(vertices: jax.Array, faces: jax.Array) -> jax.Array:
@@ -128,32 +160,35 @@ def mesh_extent(
 
 def render_mesh(
     vertices: jax.Array,
-    model: HeadModel,
+    faces: jax.Array,
     viewmat: jax.Array,
     K: jax.Array,
     height: int,
     width: int,
     *,
+    corner_uv: jax.Array | None = None,
     texture: jax.Array | None = None,
     light_dir: jax.Array | tuple[float, float, float] = DEFAULT_LIGHT_DIR,
     ambient: float = 0.35,
     background: float | jax.Array = 1.0,
     max_extent: int | None = None,
 ) -> MeshRender:
-    """Renders a posed head mesh with an OpenCV camera.
+    """Renders a triangle mesh with an OpenCV camera.
 
     Jittable and vmappable over vertices / cameras when `max_extent` is given
     (`mesh_extent` helps choose it); height and width are static.
 
     Args:
-      vertices: (V, 3) world positions of the model's vertices (e.g. after LBS).
-      model: the head model (faces; uv_coords / uv_faces for image UV and texture).
+      vertices: (V, 3) world positions (e.g. a head model's vertices after LBS).
+      faces: (F, 3) vertex indices, counter-clockwise seen from outside.
       viewmat: (4, 4) world-to-camera matrix.
       K: (3, 3) intrinsics.
       height: image height H in pixels.
       width: image width W in pixels.
-      texture: optional (R, R, 3) albedo UV map in [0, 1] (see `uika_jax.head.uv_raster`
-        for the texel layout); None renders a uniform grey.
+      corner_uv: optional (F, 3, 2) image UV of every face corner (module docstring);
+        needed for `image_uv` and for a texture.
+      texture: optional (Ht, Wt, 3) albedo map in [0, 1], sampled at the image UV;
+        None renders a uniform grey.
       light_dir: (3,) camera-space direction towards the light (normalized here).
       ambient: ambient fraction in [0, 1]; 1 disables directional shading.
       background: colour of empty pixels, a scalar or (3,).
@@ -164,20 +199,25 @@ def render_mesh(
       The `MeshRender`.
 
     Raises:
-      ValueError: if a texture is given and the model has no UV layout, or if
-        max_extent is None under jit / vmap.
+      ValueError: if a texture is given without `corner_uv`, if `corner_uv` does
+        not match `faces`, or if max_extent is None under jit / vmap.
     """
-    if texture is not None:
-        model.require_uv("render_mesh with a texture")
+    faces = jnp.asarray(faces)
+    if texture is not None and corner_uv is None:
+        raise ValueError("render_mesh: a texture needs corner_uv (the image UV of face corners)")
+    if corner_uv is not None and jnp.shape(corner_uv) != (faces.shape[0], 3, 2):
+        raise ValueError(
+            f"render_mesh: corner_uv has shape {jnp.shape(corner_uv)}, "
+            f"expected (F, 3, 2) = ({faces.shape[0]}, 3, 2)"
+        )
     if max_extent is None:
         max_extent = mesh_extent(
-            vertices, model.faces, viewmat, K, height, width, multiple_of=EXTENT_QUANTUM
+            vertices, faces, viewmat, K, height, width, multiple_of=EXTENT_QUANTUM
         )
     return _render(
         jnp.asarray(vertices, jnp.float32),
-        model.faces,
-        model.uv_coords,
-        model.uv_faces,
+        faces,
+        None if corner_uv is None else jnp.asarray(corner_uv, jnp.float32),
         jnp.asarray(viewmat, jnp.float32),
         jnp.asarray(K, jnp.float32),
         None if texture is None else jnp.asarray(texture, jnp.float32),
@@ -194,8 +234,7 @@ def render_mesh(
 def _render(
     vertices,
     faces,
-    uv_coords,
-    uv_faces,
+    corner_uv,
     viewmat,
     K,
     texture,
@@ -206,7 +245,7 @@ def _render(
     width,
     max_extent,
 ):
-    """`render_mesh` on the arrays it needs (not the whole model: no blendshape transfers)."""
+    """`render_mesh` after its argument checks (jitted)."""
     corners, depth = _project_faces(vertices, faces, viewmat, K)
     fragments = rasterize_triangles(corners, depth, height, width, max_extent=max_extent)
     mask = fragments.mask
@@ -214,10 +253,7 @@ def _render(
     normals_cam = vertex_normals(vertices, faces) @ viewmat[:3, :3].T
     normals = _normalize(interpolate(fragments, normals_cam[faces]))
 
-    image_uv = None
-    if uv_coords is not None:
-        corner_uv = uv_to_image_uv(uv_coords[uv_faces])
-        image_uv = interpolate(fragments, corner_uv)
+    image_uv = None if corner_uv is None else interpolate(fragments, corner_uv)
 
     if texture is None:
         albedo = jnp.full((height, width, 3), UNTEXTURED_ALBEDO, jnp.float32)

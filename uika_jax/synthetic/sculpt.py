@@ -6,7 +6,7 @@ out and eyelids laid over the eyeballs (`lid_radius`), all driven by a flat
 dictionary of named parameters in metres (`BASE_PARAMS`). `project_rays` finds
 where rays from inside the head leave the surface; `ray_derivative` gives, to
 first order, how far those exit points move along their rays when parameters
-change, which is how the identity blendshapes of `uika_jax.head.synthetic` are
+change, which is how the identity blendshapes of `uika_jax.synthetic.head` are
 made: the same rays, a different sculpt.
 
 Coordinates follow FLAME: metres, y up, the face looking along +z, x towards

@@ -32,10 +32,10 @@ import functools
 
 import numpy as np
 
-from uika_jax.head import synthetic_mesh as mesh
-from uika_jax.head import synthetic_sculpt as sculpt
 from uika_jax.head.model import HeadModel, ModelFingerprint, array_digest, validate_head_model
-from uika_jax.head.synthetic_deform import (
+from uika_jax.synthetic import mesh as mesh
+from uika_jax.synthetic import sculpt as sculpt
+from uika_jax.synthetic.deform import (
     EXPRESSION_NAMES,
     expression_directions,
     extra_directions,

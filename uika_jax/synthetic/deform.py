@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from uika_jax.head import synthetic_mesh as mesh
-from uika_jax.head import synthetic_sculpt as sculpt
+from uika_jax.synthetic import mesh as mesh
+from uika_jax.synthetic import sculpt as sculpt
 
 EXPRESSION_NAMES = (
     "smile",
