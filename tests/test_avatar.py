@@ -19,13 +19,7 @@ from uika_jax.config import load_config
 from uika_jax.head.anchors import anchor_attributes
 from uika_jax.head.lbs import FlameParams
 from uika_jax.head.rotations import axis_angle_to_matrix
-from uika_jax.models.avatar import (
-    UIKA,
-    build_head,
-    drive,
-    quaternion_multiply,
-    render,
-)
+from uika_jax.models.avatar import UIKA, build_head, drive, render
 from uika_jax.models.correspondence import correspondence_loss
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.gaussians import CanonicalGaussians, offset_regularizer
@@ -327,13 +321,6 @@ def test_drive_semantics():
     r_global = np.asarray(axis_angle_to_matrix(jnp.asarray(rotvec)), np.float64)
     expected = np.broadcast_to(r_global @ _quat_to_matrix(g.quats)[:, None], (B, F, k, 3, 3))
     np.testing.assert_allclose(_quat_to_matrix(posed.quats), expected, atol=1e-4)
-    # Hamilton product convention: b first, then a.
-    qa, qb = np.asarray(g.quats[0, :2])
-    np.testing.assert_allclose(
-        _quat_to_matrix(quaternion_multiply(qa, qb)),
-        _quat_to_matrix(qa) @ _quat_to_matrix(qb),
-        atol=1e-5,
-    )
 
 
 @pytest.mark.parametrize("ablation", ["no_uv_attention", "no_aggregation", "no_color_fusion"])

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import require_oracle
 
-from uika_jax.head.rotations import axis_angle_to_matrix, matrix_to_quaternion, polar_rotation
+from uika_jax.head.rotations import (
+    axis_angle_to_matrix,
+    matrix_to_quaternion,
+    polar_rotation,
+    quaternion_multiply,
+)
 
 
 def _rotvecs(rng, n):
@@ -29,6 +34,21 @@ def test_axis_angle_and_quaternion_match_scipy():
     # At exactly pi the sign of the quaternion is arbitrary: compare up to sign.
     err = np.minimum(np.abs(quats - ref_wxyz).max(-1), np.abs(quats + ref_wxyz).max(-1))
     assert err.max() < 2e-6
+
+
+def test_quaternion_multiply_composes_like_scipy():
+    """a * b is the rotation b followed by a (scipy: `Rotation a * Rotation b`), any sign."""
+    transform = require_oracle("scipy.spatial.transform")
+    rng = np.random.default_rng(2)
+    a, b = (transform.Rotation.from_rotvec(_rotvecs(rng, 32)) for _ in range(2))
+    wxyz = lambda r: jnp.asarray(np.roll(r.as_quat(), 1, axis=-1), jnp.float32)  # noqa: E731
+    product = np.asarray(quaternion_multiply(wxyz(a), wxyz(b)))
+    expected = np.roll((a * b).as_quat(), 1, axis=-1)
+    err = np.minimum(np.abs(product - expected).max(-1), np.abs(product + expected).max(-1))
+    assert err.max() < 2e-6
+    # Unnormalised inputs: the product's norm is the product of the norms.
+    scaled = quaternion_multiply(2.0 * wxyz(a), 3.0 * wxyz(b))
+    np.testing.assert_allclose(np.linalg.norm(scaled, axis=-1), 6.0, rtol=1e-6)
 
 
 def test_polar_rotation_recovers_rotation_of_stretched_matrix():

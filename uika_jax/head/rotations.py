@@ -113,3 +113,21 @@ def matrix_to_quaternion(matrix: jnp.ndarray) -> jnp.ndarray:
     q = jnp.take_along_axis(candidates, best[..., None, None], axis=-2)[..., 0, :]
     q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
     return jnp.where(q[..., :1] < 0, -q, q)
+
+
+def quaternion_multiply(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Hamilton product a * b of wxyz quaternions (..., 4): the rotation b first, then a.
+
+    For unit quaternions, R(a * b) = R(a) @ R(b).
+    """
+    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
+    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
+    return jnp.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        axis=-1,
+    )

@@ -59,7 +59,7 @@ from uika_jax.head.anchors import Anchors, deform_anchors, make_anchors
 from uika_jax.head.io import load_head_model
 from uika_jax.head.lbs import FlameParams
 from uika_jax.head.model import HeadModel
-from uika_jax.head.rotations import matrix_to_quaternion
+from uika_jax.head.rotations import matrix_to_quaternion, quaternion_multiply
 from uika_jax.models.attention import AttentionConfig
 from uika_jax.models.correspondence import OUT_CHANNELS, CorrespondenceEstimator
 from uika_jax.models.correspondence import CorrespondenceOutput as Correspondence
@@ -441,21 +441,6 @@ class PosedGaussians:
     def opacities(self) -> jax.Array:
         """(..., K) opacities in (0, 1)."""
         return jax.nn.sigmoid(self.opacity_logits)
-
-
-def quaternion_multiply(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Hamilton product a * b of wxyz quaternions (..., 4): rotation b first, then a."""
-    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
-    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
-    return jnp.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        axis=-1,
-    )
 
 
 def drive(
