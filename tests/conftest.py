@@ -1,7 +1,12 @@
-"""Test setup: 8 fake CPU devices, parsed absl flags, hardware markers, oracles.
+"""Test setup: 8 fake CPU devices, a persistent compilation cache, absl flags, markers, oracles.
 
 `UIKA_REQUIRE_ORACLES=1` (set by .ci/run) turns a missing test oracle (torch,
 smplx, ...) into an error instead of a skip, so CI cannot pass without them.
+
+Compiled programs are cached on disk outside the clone, in
+`$UIKA_TEST_CACHE_DIR` (default `~/.cache/uika_jax/jax_compilation_cache`), so
+a second run of the suite skips most XLA compilation; set it to an empty
+string to turn the cache off.
 """
 
 import os
@@ -18,6 +23,14 @@ import pytest
 from absl import flags
 
 flags.FLAGS.mark_as_parsed()
+
+_CACHE_DIR = os.environ.get(
+    "UIKA_TEST_CACHE_DIR", os.path.expanduser("~/.cache/uika_jax/jax_compilation_cache")
+)
+if _CACHE_DIR:
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def require_oracle(module_name: str):
