@@ -6,27 +6,50 @@
 `python -m uika_jax.head.convert` CLI) into a validated `HeadModel`, optionally
 with a UV layout from `head_template.obj` or `FLAME_texture.npz`.
 
-The official `.pkl` files are Python 2 pickles of a dict holding numpy arrays,
-chumpy arrays and a scipy sparse matrix. They are read by the restricted
-unpickler of `uika_jax.head.safe_pickle`, which needs neither chumpy nor scipy
-and refuses every global it does not know, so a malicious pickle cannot run
-code; its docstring lists the pickle layouts it accepts.
+A model file is untrusted input: loading one runs no code and allocates no more
+than the caps of `ModelFileLimits` allow (defaults: 1 GiB per file, 60,276,000
+elements per array, which is 10x FLAME's largest, 1 GiB of arrays per `.npz`),
+checked before anything is allocated; everything else is refused with a
+`HeadModelFileError` naming the file.
+
+- `.pkl`: read by the restricted unpickler of `uika_jax.head.safe_pickle`
+  (needs neither chumpy nor scipy; its docstring lists exactly what it
+  accepts): Python 2 or 3 pickles, protocols 0-5, of a dict of numpy arrays,
+  `chumpy.ch.Ch` arrays and scipy CSC/CSR matrices of plain numeric dtypes.
+- `.npz`: only the members the loader needs are read; each `.npy` header is
+  parsed first (format 1.0 or 2.0), and its dtype must be a plain number (a
+  unicode scalar for the stored fingerprint strings), its shape within the
+  element cap and its data within the member's uncompressed size.
+- `.obj`: `v`, `vt` and `f v/vt[/vn]` lines; at most as many faces as the model's.
+
+The arrays are then validated (`validate_head_model`): shapes agree (an array
+disagreeing with the others about V is named), all finite, faces of three
+distinct in-range vertices, skinning weights non-negative with rows summing to
+1, integral kinematic-tree parents forming a rooted ordered tree. The digest is
+computed after validation.
 """
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import math
 import os
 import secrets
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from uika_jax.head.model import HeadModel, ModelFingerprint, array_digest, validate_head_model
 from uika_jax.head.safe_pickle import (
-    ChumpyArray,
+    DEFAULT_LIMITS,
+    PLAIN_DTYPES,
+    ModelFileLimits,
+    PickledObject,
     RestrictedPickleError,
-    SparseMatrix,
+    checked_shape,
     load_restricted_pickle,
 )
 
@@ -56,6 +79,10 @@ NPZ_KEYS = (
 )
 """Keys of the project's clean `.npz` (plus optional uv_coords, uv_faces, fingerprint_*)."""
 
+_NPZ_OPTIONAL_KEYS = ("uv_coords", "uv_faces", "fingerprint_source", "fingerprint_version")
+_NPZ_STRING_KEYS = ("fingerprint_source", "fingerprint_version")
+_MAX_STRING_CHARS = 1024
+
 _PathLike = str | os.PathLike[str]
 
 
@@ -70,57 +97,138 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUM"
 
 
+def _checked_file(path: Path, what: str, limits: ModelFileLimits) -> None:
+    """Raises unless `path` is a regular file within the size cap."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise HeadModelFileError(f"{path}: is a directory, expected a {what} file")
+    if not path.is_file():
+        raise HeadModelFileError(f"{path}: not a regular file, expected a {what} file")
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise HeadModelFileError(
+            f"{path}: {size:,} bytes, over the limit of {limits.max_file_bytes:,} "
+            "(ModelFileLimits.max_file_bytes)"
+        )
+
+
 def _magic(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read(4)
 
 
-def _read_pickle(path: Path) -> object:
+def _read_pickle(path: Path, limits: ModelFileLimits) -> object:
     try:
-        return load_restricted_pickle(path, str(path))
+        return load_restricted_pickle(path, str(path), limits)
     except RestrictedPickleError as e:
         raise HeadModelFileError(str(e)) from e
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npy_member(
+    archive: zipfile.ZipFile,
+    member: zipfile.ZipInfo,
+    key: str,
+    origin: str,
+    budget: int,
+    limits: ModelFileLimits,
+) -> np.ndarray:
+    """Reads one `.npy` member: its header first, checked, then exactly the declared bytes.
+
+    Raises:
+      HeadModelFileError: if the header declares a refused dtype, a shape over
+        the element cap, more bytes than the member holds or than `budget`.
+      ValueError: (from numpy or zipfile) if the member is not a readable `.npy`.
+    """
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format {version}, expected 1.0 or 2.0")
+        string = key in _NPZ_STRING_KEYS and dtype.kind == "U" and shape == ()
+        if dtype.str not in PLAIN_DTYPES and not (
+            string and dtype.itemsize <= 4 * _MAX_STRING_CHARS
+        ):
+            raise HeadModelFileError(
+                f"{origin}: {key} has dtype {dtype}, expected a plain numeric type"
+            )
+        try:
+            checked_shape(shape, limits)
+        except ValueError as e:
+            raise HeadModelFileError(f"{origin}: {key}: {e}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        available = member.file_size - f.tell()
+        if nbytes > available:
+            raise HeadModelFileError(
+                f"{origin}: {key}: its header declares shape {shape} of {dtype} "
+                f"({nbytes:,} bytes), the member holds only {max(available, 0):,} bytes of data"
+            )
+        if nbytes > budget:
+            raise HeadModelFileError(
+                f"{origin}: its arrays exceed {limits.max_total_bytes:,} bytes "
+                "(ModelFileLimits.max_total_bytes)"
+            )
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"{key}: truncated array data ({len(data):,} of {nbytes:,} bytes)")
+    order = "F" if fortran_order else "C"
+    return np.frombuffer(data, dtype).reshape(shape, order=order)
+
+
+def _read_npz(
+    path: Path, wanted: Collection[str], limits: ModelFileLimits
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Reads the `wanted` arrays of an `.npz`; returns them and the names of all its arrays.
+
+    Headers are checked (dtype, shape cap, declared size against the member's
+    uncompressed size, total against `limits.max_total_bytes`) before any data is read.
+    """
     if _magic(path) != _ZIP_MAGIC:
         raise HeadModelFileError(f"{path}: not an .npz archive (no zip signature; corrupt?)")
+    arrays: dict[str, np.ndarray] = {}
+    budget = limits.max_total_bytes
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
+            names = [m.filename[: -len(".npy")] for m in members]
+            for name, member in zip(names, members, strict=True):
+                if name in wanted:
+                    arrays[name] = _read_npy_member(
+                        archive, member, name, str(path), budget, limits
+                    )
+                    budget -= arrays[name].nbytes
+    except HeadModelFileError:
+        raise
     except Exception as e:
         raise HeadModelFileError(
             f"{path}: not a readable .npz (truncated or corrupt?): {type(e).__name__}: {e}"
         ) from e
+    return arrays, names
 
 
 # --------------------------------------------------------------------------- array conversion
 
 
 def _to_array(value: object, key: str, origin: str) -> np.ndarray:
-    """Turns a loaded value (ndarray, chumpy or sparse stand-in, nested lists) into an array."""
-    if isinstance(value, ChumpyArray):
-        if not isinstance(value.state, dict) or "x" not in value.state:
-            raise HeadModelFileError(f"{origin}: {key} is a chumpy Ch without an 'x' array")
-        return _to_array(value.state["x"], key, origin)
-    if isinstance(value, SparseMatrix):
+    """Turns a loaded value (an `.npz` array or a pickle's stand-in) into a numeric array."""
+    if isinstance(value, PickledObject):
         try:
-            return value.to_dense(f"{origin}: {key}")
+            return value.to_array(f"{origin}: {key}")
         except RestrictedPickleError as e:
             raise HeadModelFileError(str(e)) from e
-    try:
-        array = np.asarray(value)
-    except Exception as e:
-        raise HeadModelFileError(f"{origin}: {key} is not an array ({type(value).__name__})") from e
-    if array.dtype.kind not in "biuf":
-        raise HeadModelFileError(
-            f"{origin}: {key} is not a numeric array ({type(value).__name__}, dtype {array.dtype})"
-        )
-    return array
+    if isinstance(value, np.ndarray) and value.dtype.str in PLAIN_DTYPES:
+        return value
+    raise HeadModelFileError(
+        f"{origin}: {key} is a {type(value).__name__}, expected a numeric array"
+    )
 
 
 def _float32(value: object, key: str, origin: str) -> np.ndarray:
-    return np.ascontiguousarray(_to_array(value, key, origin), np.float32)
+    """A fresh, writable C-contiguous float32 copy (the loaded arrays may be read-only views)."""
+    return np.array(_to_array(value, key, origin), np.float32, order="C")
 
 
 def _int32(value: object, key: str, origin: str) -> np.ndarray:
@@ -132,15 +240,23 @@ def _int32(value: object, key: str, origin: str) -> np.ndarray:
         or array.max() > np.iinfo(np.int32).max
     ):
         raise HeadModelFileError(f"{origin}: {key} does not hold int32 indices")
-    return np.ascontiguousarray(array, np.int32)
+    return np.array(array, np.int32, order="C")
 
 
 def _parents(table: object, key: str, origin: str) -> tuple[int, ...]:
     """Parents from a FLAME kintree_table (2, J) or a parents vector (J,); the root gets -1.
 
-    The official files store the root's parent as 4294967295 (uint32 -1).
+    The official files store the root's parent as 4294967295 (uint32 -1). Float
+    tables must hold integers (NaN or 0.7 is refused, not cast).
     """
-    array = _to_array(table, key, origin).astype(np.int64)
+    array = _to_array(table, key, origin)
+    if array.dtype.kind == "f" and not np.all(
+        np.isfinite(array) & (array == np.round(array)) & (np.abs(array) < 2.0**62)
+    ):
+        raise HeadModelFileError(
+            f"{origin}: {key} holds non-integer values (NaN, infinite or fractional parents)"
+        )
+    array = array.astype(np.int64)
     if array.ndim == 2 and array.shape[0] == 2:
         if not np.array_equal(array[1], np.arange(array.shape[1])):
             raise HeadModelFileError(
@@ -158,14 +274,14 @@ def _parents(table: object, key: str, origin: str) -> tuple[int, ...]:
 
 
 def _from_flame_dict(
-    raw: Mapping[str, object], origin: str, num_shape_in_file: int
+    raw: Mapping[str, object], found: Collection[str], origin: str, num_shape_in_file: int
 ) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
-    """Maps the official FLAME keys to HeadModel fields."""
+    """Maps the official FLAME keys to HeadModel fields (`found`: the file's keys, for errors)."""
     missing = [key for key in FLAME_PKL_KEYS if key not in raw]
     if missing:
         raise HeadModelFileError(
             f"{origin}: not a FLAME model: missing {', '.join(missing)} "
-            f"(found keys: {', '.join(sorted(map(str, raw))) or 'none'})"
+            f"(found keys: {', '.join(sorted(found)[:50]) or 'none'})"
         )
     shapedirs = _float32(raw["shapedirs"], "shapedirs", origin)
     if shapedirs.ndim != 3:
@@ -214,11 +330,16 @@ def _from_clean_npz(
 # --------------------------------------------------------------------------- UV layouts
 
 
-def _load_obj_uv(path: Path, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Parses `vt` and `f v/vt[/vn]` lines; the face vertex indices must equal `faces`."""
-    texcoords: list[list[float]] = []
-    obj_faces: list[list[int]] = []
-    uv_faces: list[list[int]] = []
+def _load_obj_uv(
+    path: Path, faces: np.ndarray, limits: ModelFileLimits
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parses `vt` and `f v/vt[/vn]` lines; the face vertex indices must equal `faces`.
+
+    Reading stops at the first face beyond the model's face count or the first
+    texture coordinate beyond the element cap.
+    """
+    texcoords = array.array("d")
+    obj_faces, uv_faces = array.array("q"), array.array("q")
     num_vertices = 0
     with path.open("r", encoding="latin-1") as f:
         for line_number, line in enumerate(f, 1):
@@ -229,25 +350,31 @@ def _load_obj_uv(path: Path, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]
                 if fields[0] == "v":
                     num_vertices += 1
                 elif fields[0] == "vt":
-                    texcoords.append([float(fields[1]), float(fields[2])])
+                    if len(texcoords) >= limits.max_array_elements:
+                        raise ValueError("more texture coordinates than the element cap")
+                    texcoords.extend((float(fields[1]), float(fields[2])))
                 elif fields[0] == "f":
+                    if len(obj_faces) == faces.size:
+                        raise ValueError(
+                            f"more than {len(faces)} faces, the model has {len(faces)}"
+                        )
                     corners = [c.split("/") for c in fields[1:]]
                     if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
                         raise ValueError(
                             "expected a triangle with texture indices (f v/vt v/vt v/vt)"
                         )
-                    obj_faces.append([_obj_index(c[0], num_vertices) for c in corners])
-                    uv_faces.append([_obj_index(c[1], len(texcoords)) for c in corners])
+                    obj_faces.extend(_obj_index(c[0], num_vertices) for c in corners)
+                    uv_faces.extend(_obj_index(c[1], len(texcoords) // 2) for c in corners)
             except (ValueError, IndexError) as e:
                 raise HeadModelFileError(
-                    f"{path}:{line_number}: cannot parse {line.strip()!r}: {e}"
+                    f"{path}:{line_number}: cannot parse {line.strip()[:200]!r}: {e}"
                 ) from e
     if not texcoords or not uv_faces:
         raise HeadModelFileError(f"{path}: no texture coordinates (vt) or textured faces (f v/vt)")
-    obj_faces_array = np.asarray(obj_faces, np.int64)
+    obj_faces_array = np.frombuffer(obj_faces, np.int64).reshape(-1, 3)
     if obj_faces_array.shape != faces.shape or not np.array_equal(obj_faces_array, faces):
         if obj_faces_array.shape != faces.shape:
-            detail = f"{len(obj_faces)} faces, the model has {len(faces)}"
+            detail = f"{len(obj_faces_array)} faces, the model has {len(faces)}"
         else:
             i = int(np.flatnonzero(np.any(obj_faces_array != faces, axis=1))[0])
             detail = (
@@ -257,7 +384,8 @@ def _load_obj_uv(path: Path, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]
             f"{path}: the obj's face vertex indices do not match the model's faces ({detail}); "
             "is it the template of a different head model?"
         )
-    return np.asarray(texcoords, np.float32), np.asarray(uv_faces, np.int32)
+    uv_coords = np.frombuffer(texcoords, np.float64).reshape(-1, 2).astype(np.float32)
+    return uv_coords, np.frombuffer(uv_faces, np.int64).reshape(-1, 3).astype(np.int32)
 
 
 def _obj_index(token: str, count: int) -> int:
@@ -268,14 +396,16 @@ def _obj_index(token: str, count: int) -> int:
     return index - 1 if index > 0 else count + index
 
 
-def _load_npz_uv(path: Path, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reads `vt` (T, 2) and `ft` (F, 3) from a FLAME_texture.npz."""
-    raw = _read_npz(path)
+def _load_npz_uv(
+    path: Path, faces: np.ndarray, limits: ModelFileLimits
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads `vt` (T, 2) and `ft` (F, 3) from a FLAME_texture.npz; its other arrays stay unread."""
+    raw, found = _read_npz(path, ("vt", "ft", "f"), limits)
     missing = [key for key in ("vt", "ft") if key not in raw]
     if missing:
         raise HeadModelFileError(
             f"{path}: not a FLAME texture file: missing {', '.join(missing)} "
-            f"(found keys: {', '.join(sorted(raw)) or 'none'})"
+            f"(found keys: {', '.join(sorted(found)[:50]) or 'none'})"
         )
     origin = str(path)
     if "f" in raw and not np.array_equal(raw["f"], faces):
@@ -283,30 +413,32 @@ def _load_npz_uv(path: Path, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return _float32(raw["vt"], "vt", origin), _int32(raw["ft"], "ft", origin)
 
 
-def load_uv_layout(uv_path: _PathLike, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def load_uv_layout(
+    uv_path: _PathLike, faces: np.ndarray, *, limits: ModelFileLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, np.ndarray]:
     """Reads a UV layout for a mesh with the given faces.
 
     Args:
       uv_path: `head_template.obj` (its `f v/vt` lines must use the same vertex
         indices as `faces`) or `FLAME_texture.npz` (keys `vt`, `ft`).
       faces: the model's faces (F, 3), 0-based.
+      limits: caps on the file's size and its arrays' sizes.
 
     Returns:
       uv_coords (T, 2) float32 and uv_faces (F, 3) int32.
 
     Raises:
       FileNotFoundError: if the file does not exist.
-      HeadModelFileError: naming the file, if it cannot be read, holds no UV
-        layout or belongs to another mesh.
+      HeadModelFileError: naming the file, if it is a directory, exceeds a cap,
+        cannot be read, holds no UV layout or belongs to another mesh.
     """
     path = Path(uv_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: UV layout file not found")
+    _checked_file(path, "UV layout", limits)
     faces = np.asarray(faces)
     if path.suffix.lower() == ".obj":
-        uv_coords, uv_faces = _load_obj_uv(path, faces)
+        uv_coords, uv_faces = _load_obj_uv(path, faces, limits)
     else:
-        uv_coords, uv_faces = _load_npz_uv(path, faces)
+        uv_coords, uv_faces = _load_npz_uv(path, faces, limits)
     if uv_coords.ndim != 2 or uv_coords.shape[1] != 2 or not np.all(np.isfinite(uv_coords)):
         raise HeadModelFileError(f"{path}: texture coordinates must be finite (T, 2)")
     if uv_faces.shape != faces.shape:
@@ -344,6 +476,7 @@ def load_head_model(
     uv_path: _PathLike | None = None,
     *,
     num_shape_in_file: int = NUM_SHAPE_IN_FILE,
+    limits: ModelFileLimits = DEFAULT_LIMITS,
 ) -> HeadModel:
     """Loads a FLAME-format head model file.
 
@@ -359,6 +492,9 @@ def load_head_model(
       num_shape_in_file: identity components at the front of a FLAME
         `shapedirs`; the rest are expression components (300 + 100 in FLAME
         2020 and 2023). Unused for the project's own npz.
+      limits: caps checked before anything is allocated (file size, elements
+        per array, bytes per `.npz`, pickle opcodes); the defaults leave 10x
+        headroom over the official files.
 
     Returns:
       The validated model. Its fingerprint: source from the file name (see
@@ -367,44 +503,54 @@ def load_head_model(
 
     Raises:
       FileNotFoundError: if a file does not exist.
-      HeadModelFileError: (a ValueError) naming the file, if it is corrupt, not
-        a FLAME model, holds a forbidden pickle global, or has bad shapes or
-        values.
+      HeadModelFileError: (a ValueError) naming the file, if it is a directory,
+        exceeds a cap, is corrupt, not a FLAME model, holds a forbidden pickle
+        global, or has bad shapes or values.
     """
     path = Path(model_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: head model file not found")
+    _checked_file(path, "head model", limits)
     origin = str(path)
     source, version = flame_source(path.name), path.name
     magic = _magic(path)
     if magic == _NPY_MAGIC:
         raise HeadModelFileError(f"{path}: a single .npy array, expected a FLAME .pkl or .npz")
     if magic == _ZIP_MAGIC or path.suffix.lower() == ".npz":
-        raw: object = _read_npz(path)
+        raw, found = _read_npz(path, (*FLAME_PKL_KEYS, *NPZ_KEYS, *_NPZ_OPTIONAL_KEYS), limits)
     else:
-        raw = _read_pickle(path)
-    if not isinstance(raw, Mapping):
-        raise HeadModelFileError(
-            f"{path}: not a FLAME model: the pickle holds a {type(raw).__name__}, expected a dict"
-        )
+        raw = _read_pickle(path, limits)
+        if not isinstance(raw, dict):
+            raise HeadModelFileError(
+                f"{path}: not a FLAME model: the pickle holds a {type(raw).__name__}, "
+                "expected a dict"
+            )
+        found = list(raw)
     if "exprdirs" in raw:
         arrays, parents = _from_clean_npz(raw, origin)
-        source = str(raw.get("fingerprint_source", source))
-        version = str(raw.get("fingerprint_version", version))
+        source = _stored_string(raw, "fingerprint_source", source, origin)
+        version = _stored_string(raw, "fingerprint_version", version, origin)
     else:
-        arrays, parents = _from_flame_dict(raw, origin, num_shape_in_file)
+        arrays, parents = _from_flame_dict(raw, found, origin, num_shape_in_file)
     if uv_path is not None:
-        arrays["uv_coords"], arrays["uv_faces"] = load_uv_layout(uv_path, arrays["faces"])
-
-    digest = array_digest({**arrays, "parents": np.asarray(parents, np.int32)})
-    model = HeadModel(
-        **arrays, parents=parents, fingerprint=ModelFingerprint(source, version, digest)
-    )
+        arrays["uv_coords"], arrays["uv_faces"] = load_uv_layout(
+            uv_path, arrays["faces"], limits=limits
+        )
     try:
-        return validate_head_model(model, origin=origin)
+        model = validate_head_model(HeadModel(**arrays, parents=parents), origin=origin)
     except ValueError as e:
         message = str(e) if str(e).startswith(origin) else f"{origin}: {e}"
         raise HeadModelFileError(message) from e
+    digest = array_digest({**arrays, "parents": np.asarray(parents, np.int32)})
+    return dataclasses.replace(model, fingerprint=ModelFingerprint(source, version, digest))
+
+
+def _stored_string(raw: Mapping[str, object], key: str, default: str, origin: str) -> str:
+    """A fingerprint string stored with the arrays (a unicode scalar in an `.npz`), or `default`."""
+    value = raw.get(key, default)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.shape == ():
+        value = str(value)
+    if not isinstance(value, str) or len(value) > _MAX_STRING_CHARS:
+        raise HeadModelFileError(f"{origin}: {key} is not a string of at most {_MAX_STRING_CHARS}")
+    return value
 
 
 def save_head_model(model: HeadModel, path: _PathLike) -> Path:

@@ -9,18 +9,19 @@ close over it), the kinematic tree and the fingerprint are static metadata.
 Shapes, with V vertices, F faces, J joints, T texture coordinates:
 
     v_template  (V, 3)         float32, metres, y up, the face looking along +z
-    faces       (F, 3)         int32, counter-clockwise seen from outside
+    faces       (F, 3)         int32, counter-clockwise seen from outside, 3 distinct vertices
     shapedirs   (V, 3, S)      identity blendshapes
     exprdirs    (V, 3, E)      expression blendshapes
     posedirs    (V, 3, 9(J-1)) pose correctives, driven by (R_j - I) of joints 1..J-1
     j_regressor (J, V)         joints = j_regressor @ shaped vertices
-    lbs_weights (V, J)         rows sum to 1
+    lbs_weights (V, J)         non-negative, rows sum to 1
     uv_coords   (T, 2) | None  texture coordinates (u, v), v pointing up
     uv_faces    (F, 3) | None  per-face-corner indices into uv_coords (seams)
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 
@@ -114,8 +115,52 @@ def array_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
+_VERTEX_AXES = {
+    "v_template": 0,
+    "shapedirs": 0,
+    "exprdirs": 0,
+    "posedirs": 0,
+    "j_regressor": 1,
+    "lbs_weights": 0,
+}
+"""The axis of each per-vertex array that counts the vertices V."""
+
+NEGATIVE_WEIGHT_TOLERANCE = 1e-6
+"""lbs_weights below minus this are refused (weights must be non-negative)."""
+
+
+def _vertex_count(model: HeadModel, origin: str) -> int:
+    """The V most per-vertex arrays agree on; raises naming the arrays that disagree."""
+    counts = {
+        name: getattr(model, name).shape[axis]
+        for name, axis in _VERTEX_AXES.items()
+        if getattr(model, name).ndim > axis
+    }
+    if not counts:
+        return -1
+    V = collections.Counter(counts.values()).most_common(1)[0][0]  # ties: v_template's count
+    outliers = [name for name, count in counts.items() if count != V]
+    if outliers:
+        agreeing = [name for name in counts if name not in outliers]
+        raise ValueError(
+            f"{origin}: "
+            + ", ".join(
+                f"{name} has {counts[name]} vertices (shape {getattr(model, name).shape})"
+                for name in outliers
+            )
+            + f", while {', '.join(agreeing)} have {V}"
+        )
+    return V
+
+
 def validate_head_model(model: HeadModel, origin: str) -> HeadModel:
     """Checks shapes, dtypes and values of a head model.
+
+    The vertex count V is what most per-vertex arrays agree on, so an array that
+    disagrees is the one named. Refused: mismatched shapes, NaN or infinite
+    values (UV coordinates included), empty or out-of-range faces, faces that
+    repeat a vertex, negative skinning weights or rows not summing to 1, and a
+    kinematic tree that is not rooted and ordered (each parent before its child).
 
     Args:
       model: the model to check.
@@ -127,7 +172,7 @@ def validate_head_model(model: HeadModel, origin: str) -> HeadModel:
     Raises:
       ValueError: naming `origin` and the offending array.
     """
-    V = model.v_template.shape[0] if model.v_template.ndim == 2 else -1
+    V = _vertex_count(model, origin)
     J = len(model.parents)
     expected = {
         "v_template": (V, 3),
@@ -153,8 +198,22 @@ def validate_head_model(model: HeadModel, origin: str) -> HeadModel:
         raise ValueError(f"{origin}: faces is empty")
     if model.faces.min() < 0 or model.faces.max() >= V:
         raise ValueError(f"{origin}: faces index outside [0, {V})")
+    first, second, third = np.asarray(model.faces).T
+    degenerate = np.flatnonzero((first == second) | (second == third) | (first == third))
+    if degenerate.size:
+        i = int(degenerate[0])
+        raise ValueError(
+            f"{origin}: face {i} is {model.faces[i].tolist()}, which repeats a vertex "
+            f"({degenerate.size} of {len(model.faces)} faces do); a face needs three distinct "
+            "vertices"
+        )
     if model.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(model.parents[1:], 1)):
         raise ValueError(f"{origin}: kinematic tree {model.parents} is not a rooted, ordered tree")
+    if model.lbs_weights.min() < -NEGATIVE_WEIGHT_TOLERANCE:
+        raise ValueError(
+            f"{origin}: lbs_weights has negative entries (min {model.lbs_weights.min():.3g}); "
+            "skinning weights must be non-negative"
+        )
     if not np.allclose(model.lbs_weights.sum(-1), 1.0, atol=1e-3):
         raise ValueError(f"{origin}: lbs_weights rows do not sum to 1")
     if (model.uv_coords is None) != (model.uv_faces is None):
@@ -169,6 +228,8 @@ def validate_head_model(model: HeadModel, origin: str) -> HeadModel:
             raise ValueError(
                 f"{origin}: uv_coords has shape {model.uv_coords.shape}, expected (T, 2)"
             )
+        if not np.all(np.isfinite(model.uv_coords)):
+            raise ValueError(f"{origin}: uv_coords contains NaN or infinite values")
         if model.uv_faces.min() < 0 or model.uv_faces.max() >= model.uv_coords.shape[0]:
             raise ValueError(f"{origin}: uv_faces index outside uv_coords")
     return model
