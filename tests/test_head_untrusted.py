@@ -27,7 +27,7 @@ import pytest
 from fake_flame import make_fake_flame_arrays, write_flame_npz, write_flame_pkl
 
 from uika_jax.head.io import HeadModelFileError, load_head_model, save_head_model
-from uika_jax.head.safe_pickle import ModelFileLimits
+from uika_jax.head.pickled import ModelFileLimits
 
 MEMORY_HEADROOM = 300 << 20
 """Address space the child may use beyond its baseline after importing the loader."""

@@ -43,15 +43,15 @@ from pathlib import Path
 import numpy as np
 
 from uika_jax.head.model import HeadModel, ModelFingerprint, array_digest, validate_head_model
-from uika_jax.head.safe_pickle import (
+from uika_jax.head.pickled import (
     DEFAULT_LIMITS,
     PLAIN_DTYPES,
     ModelFileLimits,
     PickledObject,
     RestrictedPickleError,
     checked_shape,
-    load_restricted_pickle,
 )
+from uika_jax.head.safe_pickle import load_restricted_pickle
 
 NUM_SHAPE_IN_FILE = 300
 """Identity components before the expression components in a FLAME `shapedirs`."""
