@@ -47,8 +47,8 @@ def _scene(seed, n, c, d=3):
 W, H = 40, 24  # 3 x 2 tiles, the last column and row partial
 
 
-def _make_loss(scene, backend, tile_cap=None):
-    config = RasterConfig(backend=backend, tile_cap=tile_cap)
+def _make_loss(scene, backend, tile_cap=None, warn_on_overflow=True):
+    config = RasterConfig(backend=backend, tile_cap=tile_cap, warn_on_overflow=warn_on_overflow)
     rng = np.random.default_rng(1)
     *batch, c, d = scene["backgrounds"].shape
     viewmats, ks = np.asarray(scene["viewmats"]), np.asarray(scene["Ks"])
@@ -212,7 +212,7 @@ def _lower(backend, platform, mesh=None, batched=False):
     if batched:
         scene = {k: jnp.stack([v, v]) for k, v in scene.items()}
     args = [jax.ShapeDtypeStruct(scene[k].shape, scene[k].dtype) for k in KEYS]
-    loss = _make_loss(scene, backend)
+    loss = _make_loss(scene, backend, warn_on_overflow=False)  # no host callback
     fwd = jax.jit(lambda *a: loss(*a)[0])
     bwd = jax.jit(jax.grad(lambda *a: loss(*a)[0], argnums=tuple(range(6))))
     texts = []

@@ -1,5 +1,8 @@
 """`rasterization()` API: jit/vmap/batching, bad input, overflow and strict mode, shard_map."""
 
+import dataclasses
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +12,16 @@ from render_oracle import random_scene
 from uika_jax.render import (
     RasterConfig,
     RasterOverflowError,
+    backends,
     calibrate_capacity,
+    check_overflow,
+    composite,
     rasterization,
     register_backend,
 )
+from uika_jax.render import capacity as capacity_module
 from uika_jax.render import rasterize as rasterize_module
+from uika_jax.render.rasterize import OVERFLOW_WARNING
 
 KEYS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks")
 W, H = 40, 30
@@ -130,42 +138,119 @@ def test_invalid_gaussians_are_masked_under_jit(scene):
     assert int(meta["n_invalid_cameras"]) == 1 and float(jnp.abs(r[1]).max()) == 0.0
 
 
-def test_overflow_is_counted_and_strict_raises(scene):
+def _overflow_logged(caplog, fn):
+    """Runs fn with a fresh overflow-warning limiter; returns (fn(), the warnings logged)."""
+    OVERFLOW_WARNING.reset()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uika_jax.render.rasterize"):
+        out = jax.block_until_ready(fn())
+        jax.effects_barrier()  # the warning comes from a jax.debug.callback
+    return out, [r.getMessage() for r in caplog.records]
+
+
+def test_overflow_is_counted_warned_and_strict_raises(scene, caplog):
     args = _args(scene)
-    _, _, full = rasterization(*args, W, H)
+    (_, _, full), logged = _overflow_logged(caplog, lambda: rasterization(*args, W, H))
     total = int(full["n_isects"])
     assert int(full["isects_dropped"]) == 0 and int(full["pixels_overflow"]) == 0
+    assert not bool(full["overflow"]) and logged == []
     small = RasterConfig(capacity=total // 2)
-    _, _, meta = rasterization(*args, W, H, config=small)
+    (_, _, meta), logged = _overflow_logged(
+        caplog, lambda: rasterization(*args, W, H, config=small)
+    )
+    assert len(logged) == 1 and f"{total - total // 2} intersections beyond" in logged[0]
     assert int(meta["n_isects"]) == total and int(meta["isects_dropped"]) == total - total // 2
     assert int(meta["tiles_overflow"]) > 0 and int(meta["pixels_overflow"]) > 0
+    assert bool(meta["overflow"])
+    # The farthest intersections were dropped: none kept lies behind one dropped.
+    depths = np.asarray(full["depths"]).reshape(-1)
+    all_ids = np.asarray(full["flatten_ids"])[:total]
+    kept = np.asarray(meta["flatten_ids"])[: total // 2]
+    dropped = np.setdiff1d(all_ids, kept)  # Gaussians with no tile kept
+    assert len(dropped) > 0 and depths[kept].max() <= depths[dropped].min()
+    # Rate-limited: a second overflowing call within the interval is only counted.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uika_jax.render.rasterize"):
+        jax.block_until_ready(rasterization(*args, W, H, config=small))
+        jax.effects_barrier()
+    assert caplog.records == [] and OVERFLOW_WARNING.held_back == 1
+
     capped = RasterConfig(tile_cap=max(1, int(full["max_tile_count"]) // 4))
     _, _, meta = rasterization(*args, W, H, config=capped)
     assert int(meta["isects_dropped"]) == 0 and int(meta["tiles_overflow"]) > 0
     assert 0 < int(meta["pixels_overflow"]) <= 2 * W * H
+
     strict = RasterConfig(capacity=total // 2, strict=True)
     with pytest.raises(RasterOverflowError, match="calibrate_capacity"):
         rasterization(*args, W, H, config=strict)
-    with pytest.raises(Exception, match="rasterizer overflow"):
-        jax.block_until_ready(jax.jit(lambda *x: rasterization(*x, W, H, config=strict)[0])(*args))
+    # Under the caller's jit: the counters come back (and a warning), the caller raises.
+    jitted = jax.jit(lambda *x: rasterization(*x, W, H, config=strict)[2])
+    meta, logged = _overflow_logged(caplog, lambda: jitted(*args))
+    assert len(logged) == 1 and "rasterizer overflow" in logged[0]
+    assert int(meta["isects_dropped"]) == total - total // 2
+    with pytest.raises(RasterOverflowError, match="intersections beyond capacity"):
+        check_overflow(jax.device_get(meta))
     ok = RasterConfig(capacity=total, tile_cap=int(full["max_tile_count"]), strict=True)
-    rasterization(*args, W, H, config=ok)
+    check_overflow(rasterization(*args, W, H, config=ok)[2])
 
 
-def test_default_capacity_refuses_huge_bound_and_calibration_fits(scene):
+def _tiny_gaussians(n, size, seed=0):
+    """n Gaussians of about one pixel, spread over a size x size image, one camera."""
+    rng = np.random.default_rng(seed)
+    focal = float(size)
+    xy = rng.uniform(-0.45, 0.45, (n, 2)) * 2.0  # at depth 2: inside the view
+    means = np.concatenate([xy, np.full((n, 1), 2.0) + rng.uniform(0, 0.1, (n, 1))], 1)
+    k = np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1]])
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return [
+        f32(means),
+        f32(rng.normal(size=(n, 4))),
+        f32(np.full((n, 3), 1e-3)),
+        f32(rng.uniform(0.2, 1.0, n)),
+        f32(rng.uniform(size=(n, 3))),
+        f32(np.eye(4)[None]),
+        f32(k[None]),
+    ]
+
+
+def test_concrete_inputs_size_their_own_capacity():
+    """The exact bound C*N*n_tiles is far above 2^24 here; concrete calls count instead."""
+    n, size = 20_000, 512
+    args = _tiny_gaussians(n, size)
+    assert n * (size // 16) ** 2 > 2**24
+    render, _, meta = rasterization(*args, size, size)
+    total = int(meta["n_isects"])
+    assert total >= n and meta["isect_capacity"] >= total
+    assert meta["isect_capacity"] <= 1.25 * total  # a few sizes an octave, not the bound
+    assert not bool(meta["overflow"])
+    explicit = RasterConfig(capacity=total)
+    ref, _, ref_meta = rasterization(*args, size, size, config=explicit)
+    np.testing.assert_array_equal(render, ref)
+    np.testing.assert_array_equal(meta["flatten_ids"][:total], ref_meta["flatten_ids"])
+    with pytest.raises(ValueError, match=r"RasterConfig\(capacity=\.\.\.\).*calibrate"):
+        jax.jit(lambda *x: rasterization(*x, size, size)[0])(*args)
+
+
+def test_capacity_limits_give_clear_errors(scene, monkeypatch):
     args = _args(scene)
-    big = [jnp.tile(a, (200,) + (1,) * (a.ndim - 1)) for a in args[:5]]
-    with pytest.raises(ValueError, match="calibrate_capacity"):
-        rasterization(*big, *args[5:], 2048, 2048)
+    with pytest.raises(ValueError, match="int32 slot indices"):
+        capacity_module.round_capacity(2**31 - 1)
+    assert capacity_module.round_capacity(1025) == 1280
+    assert capacity_module.round_capacity(3 * 2**20 + 1) == 3.5 * 2**20
+
+    def out_of_memory(*_args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 bytes.")
+
+    monkeypatch.setattr(rasterize_module, "_rasterize_batched", out_of_memory)
+    with pytest.raises(MemoryError, match="intersection slots per scene"):
+        rasterization(*args, W, H)
+
+
+def test_calibration_fits(scene):
+    args = _args(scene)
     cfg = calibrate_capacity(*args[:4], *args[5:], W, H, headroom=1.25)
-    _, _, meta = rasterization(*args, W, H, config=dataclass_replace(cfg, strict=True))
+    _, _, meta = rasterization(*args, W, H, config=dataclasses.replace(cfg, strict=True))
     assert cfg.capacity >= int(meta["n_isects"]) and cfg.tile_cap >= int(meta["max_tile_count"])
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_shard_map_under_mesh_has_no_all_gather(scene):
@@ -249,20 +334,30 @@ def test_gradient_memory_is_linear_in_pixels():
 
 
 def test_registered_backend_is_dispatched(scene):
-    raster_module = rasterize_module
     calls = []
 
     def spy(*a, **kw):
         calls.append(kw["tile_cap"])
-        return raster_module.composite.composite(*a, **kw)
+        return composite.composite(*a, **kw)
 
     register_backend("spy", spy)
     try:
         r, _, _ = rasterization(*_args(scene), W, H, config=RasterConfig(backend="spy"))
         ref, _, _ = rasterization(*_args(scene), W, H)
     finally:
-        raster_module._BACKENDS.pop("spy")
+        backends._BACKENDS.pop("spy")
     assert calls == [None]
     np.testing.assert_array_equal(r, ref)
     with pytest.raises(ValueError, match="unknown backend"):
         RasterConfig(backend="spy")
+
+
+def test_auto_backend_is_the_reference_until_a_platform_is_verified(scene):
+    assert RasterConfig().backend == "auto"
+    assert set(backends.auto_choices().values()) == {"reference"}
+    assert backends.auto_choices(frozenset({"cuda", "tpu"})) == {
+        "cuda": "pallas_triton", "rocm": "reference", "tpu": "pallas_mosaic"
+    }  # fmt: skip
+    auto, _, _ = rasterization(*_args(scene), W, H)
+    ref, _, _ = rasterization(*_args(scene), W, H, config=RasterConfig(backend="reference"))
+    np.testing.assert_array_equal(auto, ref)

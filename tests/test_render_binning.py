@@ -9,9 +9,7 @@ from render_oracle import gsplat_project, random_scene
 
 from uika_jax.render import binning
 
-_bin = jax.jit(
-    binning.bin_gaussians, static_argnums=(3, 4), static_argnames=("capacity", "sort_key")
-)
+_bin = jax.jit(binning.bin_gaussians, static_argnums=(3, 4), static_argnames=("capacity",))
 
 SCENES = [(0, 300, 70, 45, 2), (1, 600, 128, 96, 3), (3, 150, 40, 70, 1)]
 
@@ -66,25 +64,6 @@ def test_overflow_keeps_true_counts():
     assert (np.asarray(bins.tile_count) <= counts).all()
 
 
-def test_packed_key_keeps_tiles_and_near_order():
-    rng = np.random.default_rng(0)
-    c, n = 3, 600
-    means2d = jnp.asarray(rng.uniform(0, 128, (c, n, 2)).astype(np.float32))
-    radii = jnp.asarray(rng.integers(0, 20, (c, n, 2)).astype(np.int32))
-    depths = jnp.asarray(rng.uniform(0.1, 5.0, (c, n)).astype(np.float32))
-    exact = _bin(means2d, radii, depths, 128, 96, capacity=60000)
-    packed = _bin(means2d, radii, depths, 128, 96, capacity=60000, sort_key="packed")
-    np.testing.assert_array_equal(np.asarray(exact.tile_start), np.asarray(packed.tile_start))
-    total = int(exact.n_isects)
-    d = np.asarray(depths).reshape(-1)
-    for b in (exact, packed):
-        ids = np.asarray(b.flat_ids)[:total]
-        starts, cnt = np.asarray(b.tile_start), np.asarray(b.tile_count)
-        for s, k in zip(starts, cnt, strict=True):
-            dd = d[ids[s : s + k]]
-            assert (np.diff(dd) >= (0 if b is exact else -1e-3)).all()
-
-
 def test_depth_key_is_monotone():
     x = jnp.array([-3.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 2.0, 1e10], jnp.float32)
     k = np.asarray(binning.depth_key(x)).astype(np.int64)
@@ -99,3 +78,55 @@ def test_huge_coordinates_do_not_wrap():
     # The first two miss the image (the box would be clipped away); the third covers all 12.
     np.testing.assert_array_equal(np.asarray(bins.tiles_per_gauss), [[0, 0, 12]])
     assert int(bins.n_isects) == 12
+
+
+def test_saturating_cumsum_does_not_wrap():
+    # Per-Gaussian tile counts near 2^31: an int32 cumsum wraps negative here, and a
+    # uint32 one wraps past 2^32 back to small numbers.
+    counts = np.array([2**30, 2**30 - 1, 1, 5, 2**31 - 1, 2**31 - 1, 7, 0], np.int32)
+    sums = np.asarray(jax.jit(binning.saturating_cumsum)(jnp.asarray(counts)))
+    exact = np.cumsum(counts.astype(np.int64))
+    np.testing.assert_array_equal(sums, np.minimum(exact, binning.INT32_MAX))
+    assert sums[1] == 2**31 - 1 and (sums[2:] == 2**31 - 1).all()
+
+
+def test_huge_totals_saturate_and_count_every_overflow():
+    # 1100 Gaussians each covering all 2048 x 2048 tiles: 4.6e9 intersections, more
+    # than 2^32 (uint32 counting would wrap twice) on a 32768 x 32768 image.
+    size, n, capacity = 32768, 1100, 64
+    means2d = jnp.full((1, n, 2), size / 2, jnp.float32)
+    radii = jnp.full((1, n, 2), size, jnp.int32)
+    depths = jnp.asarray(np.linspace(5.0, 1.0, n, dtype=np.float32)[None])  # last nearest
+    bins = _bin(means2d, radii, depths, size, size, capacity=capacity)
+    n_tiles = (size // 16) ** 2
+    assert int(bins.n_isects) == 2**31 - 1  # saturated, not wrapped
+    assert (np.asarray(bins.tiles_per_gauss) == n_tiles).all()
+    assert int(bins.true_tile_count.min()) == int(bins.true_tile_count.max()) == n
+    stored = np.asarray(bins.tile_count)
+    assert stored.sum() == capacity and (stored[:capacity] == 1).all()
+    # What is kept: the nearest Gaussian's first `capacity` tiles.
+    np.testing.assert_array_equal(np.asarray(bins.flat_ids), np.full(capacity, n - 1))
+    assert int(bins.n_isects) - capacity > 0  # rasterization's isects_dropped
+
+
+def test_overflow_drops_the_farthest_intersections():
+    rng = np.random.default_rng(4)
+    c, n, w, h = 2, 300, 96, 64
+    means2d = jnp.asarray(rng.uniform(0, 96, (c, n, 2)), jnp.float32)
+    radii = jnp.asarray(rng.integers(1, 24, (c, n, 2)), jnp.int32)
+    depths = jnp.asarray(rng.uniform(0.5, 3.0, (c, n)), jnp.float32)
+    full = _bin(means2d, radii, depths, w, h, capacity=c * n * 24)
+    total = int(full.n_isects)
+    part = _bin(means2d, radii, depths, w, h, capacity=total // 3)
+    d = np.asarray(depths).reshape(-1)
+    kept = np.asarray(part.flat_ids)
+    all_ids = np.asarray(full.flat_ids)[:total]
+    dropped = np.setdiff1d(all_ids, kept)
+    assert len(dropped) > 0 and d[kept].max() <= d[dropped].min()
+    # Each tile keeps a prefix of its full list (the nearest), in the same order.
+    full, part = jax.device_get(full), jax.device_get(part)
+    for t in range(c * 24):
+        s_full, s_part, k = full.tile_start[t], part.tile_start[t], part.tile_count[t]
+        np.testing.assert_array_equal(
+            part.flat_ids[s_part : s_part + k], full.flat_ids[s_full : s_full + k]
+        )

@@ -1,7 +1,8 @@
 """The ``pallas`` compositing backends of `uika_jax.render.rasterization`, with custom VJPs.
 
-Registered backends (select with ``RasterConfig(backend=...)``; importing
-`uika_kernels` registers them, and `RasterConfig` imports it on demand):
+`BACKENDS` maps each name to its function; `uika_jax.render` registers them on
+first use (select with ``RasterConfig(backend=...)``; ``"auto"`` picks one per
+platform). This module imports nothing from `uika_jax`.
 
 - ``"pallas"``: the kernel for the platform the computation is lowered for
   (`jax.lax.platform_dependent`): Pallas Triton on CUDA/ROCm GPUs, Pallas
@@ -10,7 +11,7 @@ Registered backends (select with ``RasterConfig(backend=...)``; importing
 - ``"pallas_triton_interpret"`` / ``"pallas_mosaic_interpret"``: one kernel in
   Pallas interpret mode on any platform (CI, tests; slow).
 
-Each has the signature and outputs of `uika_jax.render.composite.composite`:
+Each has the signature and outputs of the reference `uika_jax.render.composite.composite`:
 (colour sum, T_final, truncated), with the same numerics. Kernels compute in
 float32 (Mosaic TPU has no 64-bit types; kernel literals are typed, so they
 lower with ``jax_enable_x64`` on too); inputs of other float dtypes are cast
@@ -33,10 +34,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from uika_jax.render import composite as ref
-from uika_jax.render import rasterize
 from uika_kernels import raster_common as rc
 from uika_kernels import raster_mosaic, raster_triton
+from uika_kernels.tiles import segment_sum_sorted, tiles_to_image
 
 
 def _per_gaussian(means2d, conics, opacities):
@@ -109,7 +109,7 @@ def _reduce(rows, ids, shape):
     for s in shape:
         n *= s
     order = jnp.argsort(ids, stable=True)
-    g = ref.segment_sum_sorted(rows[order], ids[order], n)
+    g = segment_sum_sorted(rows[order], ids[order], n)
     return (
         g[:, 0:2].reshape((*shape, 2)),
         g[:, 2:5].reshape((*shape, 3)),
@@ -210,7 +210,7 @@ def composite(
     )
     truncated = (done == 0) & (tile_count > limit)[:, None]
     to_image = functools.partial(
-        ref.tiles_to_image, n_cams=n_cams, width=width, height=height, tile_size=tile_size
+        tiles_to_image, n_cams=n_cams, width=width, height=height, tile_size=tile_size
     )
     return (
         to_image(jnp.moveaxis(acc, 1, 2)).astype(dtype),
@@ -255,5 +255,3 @@ BACKENDS = {
     "pallas_triton_interpret": functools.partial(composite, kernel="triton", interpret=True),
     "pallas_mosaic_interpret": functools.partial(composite, kernel="mosaic", interpret=True),
 }
-for _name, _fn in BACKENDS.items():
-    rasterize.register_backend(_name, _fn)

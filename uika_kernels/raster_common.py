@@ -1,7 +1,7 @@
 """Shared pieces of the Pallas compositing kernels: static settings and per-pixel maths.
 
 Both kernels (`raster_triton`, `raster_mosaic`) composite one 16x16 tile per
-grid step with exactly the reference's numerics (`uika_jax.render.composite`):
+grid step with exactly the reference's numerics (constants in `uika_kernels.tiles`):
 ``alpha = min(0.999, o exp(-sigma))``, skipped when ``alpha < 1/255`` or
 ``sigma < 0``, stop (Gaussian excluded) when ``T (1 - alpha) <= 1e-4``. The
 per-slot attributes are gathered once outside the kernels into a slot table
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from uika_jax.render.composite import ALPHA_THRESHOLD, MAX_ALPHA, T_THRESHOLD
+from uika_kernels.tiles import ALPHA_THRESHOLD, MAX_ALPHA, T_THRESHOLD, tile_grid
 
 GEO_WIDTH = 6
 # Typed constants: kernels stay 32-bit even with jax_enable_x64 on (Mosaic has no 64-bit).
@@ -60,7 +60,7 @@ class KernelStatic:
     @property
     def tiles(self) -> tuple[int, int]:
         """(tiles across, tiles down) of one camera."""
-        return -(-self.width // self.tile_size), -(-self.height // self.tile_size)
+        return tile_grid(self.width, self.height, self.tile_size)
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -7,13 +7,20 @@ The true intersection total and the true per-tile counts are always computed
 (per-tile counts exactly, by a 2D difference array, independent of capacity),
 so an overflow is counted, never silent.
 
-Order: a global tile key ``camera * n_tiles + tile`` and a depth key (float32
-depth bits mapped monotonically to uint32). ``sort_key="exact"`` sorts twice
-with stable uint32 sorts (depth first, then tile), which gives gsplat's order
-exactly, ties broken by Gaussian index as its stable radix sort does; no
-64-bit integers are needed. ``sort_key="packed"`` sorts once on a 32-bit key
-``tile << depth_bits | top depth bits`` (lossy: depths closer than the
-quantum keep Gaussian-index order).
+Order, with one sort over the (camera, Gaussian) pairs and one over the
+intersections: the pairs are sorted by depth (float32 bits mapped
+monotonically to uint32; stable, so ties keep (camera, Gaussian) index order)
+and each pair's tiles are written, row-major, in that order; one stable sort
+by the tile key ``camera * n_tiles + tile`` then gives gsplat's (camera, tile,
+depth) order exactly, ties broken by Gaussian index as its stable radix sort
+does. Neither sort needs 64-bit integers, and the intersection sort has one
+uint32 key and one payload (XLA's fast GPU radix sort). Because the
+intersections are written nearest first, a total above `capacity` drops the
+farthest ones (over all cameras of the scene).
+
+Counting cannot wrap with 64-bit types off: running totals are saturating
+int32 sums (`saturating_cumsum`), so the total reads 2^31 - 1 when it is at
+least that, never a wrapped negative or small number.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-SORT_KEYS = ("exact", "packed")
+from uika_kernels.tiles import tile_grid
+
+INT32_MAX = 2**31 - 1
 _SENTINEL = 0xFFFFFFFF
 
 
@@ -36,7 +45,8 @@ class Bins(NamedTuple):
       tile_start: first slot of each tile (C * n_tiles,) int32.
       tile_count: number of stored slots of each tile (C * n_tiles,) int32.
       true_tile_count: number of intersections each tile really has (C * n_tiles,) int32.
-      n_isects: the true intersection total () int32, which may exceed capacity.
+      n_isects: the true intersection total () int32, which may exceed capacity;
+        saturates at 2^31 - 1.
       tiles_per_gauss: tiles each (camera, Gaussian) covers (C, N) int32.
     """
 
@@ -46,11 +56,6 @@ class Bins(NamedTuple):
     true_tile_count: jax.Array
     n_isects: jax.Array
     tiles_per_gauss: jax.Array
-
-
-def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
-    """Returns (tiles across, tiles down) covering a width x height image."""
-    return -(-width // tile_size), -(-height // tile_size)
 
 
 def depth_key(depths: jax.Array) -> jax.Array:
@@ -72,6 +77,17 @@ def tile_rects(
     hi = jnp.clip(jnp.ceil(m + r), 0, hi_lim).astype(jnp.int32)
     visible = (radii > 0).all(-1, keepdims=True)
     return jnp.where(visible, lo, 0), jnp.where(visible, hi, 0)
+
+
+def saturating_cumsum(counts: jax.Array) -> jax.Array:
+    """Inclusive running totals of non-negative int32 counts, saturating at 2^31 - 1.
+
+    Saturating addition of non-negative numbers is associative, so this is one
+    parallel scan (in uint32, where two saturated terms still fit); no 64-bit types.
+    """
+    cap = jnp.uint32(INT32_MAX)
+    sums = jax.lax.associative_scan(lambda a, b: jnp.minimum(a + b, cap), counts.astype(jnp.uint32))
+    return sums.astype(jnp.int32)
 
 
 def true_tile_counts(lo: jax.Array, hi: jax.Array, tiles_x: int, tiles_y: int) -> jax.Array:
@@ -96,7 +112,6 @@ def bin_gaussians(
     *,
     tile_size: int = 16,
     capacity: int,
-    sort_key: str = "exact",
 ) -> Bins:
     """Builds the sorted tile intersections of C cameras' projected Gaussians.
 
@@ -107,14 +122,12 @@ def bin_gaussians(
       width: image width.
       height: image height.
       tile_size: tile side in pixels.
-      capacity: static number of intersection slots.
-      sort_key: "exact" (two stable uint32 sorts) or "packed" (one lossy 32-bit key).
+      capacity: static number of intersection slots; beyond it the farthest
+        intersections are dropped (and counted).
 
     Returns:
       The `Bins`.
     """
-    if sort_key not in SORT_KEYS:
-        raise ValueError(f"sort_key must be one of {SORT_KEYS}, got {sort_key!r}")
     c, n = depths.shape
     tiles_x, tiles_y = tile_grid(width, height, tile_size)
     n_tiles = tiles_x * tiles_y
@@ -122,51 +135,41 @@ def bin_gaussians(
         raise ValueError(f"{c} cameras x {n_tiles} tiles do not fit a 32-bit tile key")
     lo, hi = tile_rects(means2d, radii, tile_size, tiles_x, tiles_y)
     span = hi - lo
-    per_gauss = span[..., 0] * span[..., 1]  # (C, N)
-    counts = per_gauss.reshape(-1)
-    ends = jnp.cumsum(counts)
-    starts = ends - counts
+    per_gauss = span[..., 0] * span[..., 1]  # (C, N), each at most n_tiles
+
+    # (camera, Gaussian) pairs nearest first; ties keep index order.
+    pairs = jnp.arange(c * n, dtype=jnp.int32)
+    _, by_depth = jax.lax.sort((depth_key(depths).reshape(-1), pairs), num_keys=1, is_stable=True)
+    counts = per_gauss.reshape(-1)[by_depth]
+    ends = saturating_cumsum(counts)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
     n_isects = ends[-1]
 
-    # Slot -> (camera, Gaussian): mark each run's start, then a running max.
-    owner = jnp.zeros((capacity,), jnp.int32)
-    idx = jnp.arange(c * n, dtype=jnp.int32)
-    owner = owner.at[jnp.where(counts > 0, starts, capacity)].max(idx, mode="drop")
-    owner = jax.lax.cummax(owner)
+    # Slot -> rank in depth order: mark each run's start, then a running max.
+    rank = jnp.zeros((capacity,), jnp.int32)
+    rank = rank.at[jnp.where(counts > 0, starts, capacity)].max(pairs, mode="drop")
+    rank = jax.lax.cummax(rank)
     slot = jnp.arange(capacity, dtype=jnp.int32)
     used = slot < n_isects
-    local = slot - starts[owner]
+    owner = by_depth[rank]
+    local = slot - starts[rank]
     lo_f, span_f = lo.reshape(-1, 2)[owner], span.reshape(-1, 2)[owner]
     w = jnp.maximum(span_f[:, 0], 1)
     tx = lo_f[:, 0] + local % w
     ty = lo_f[:, 1] + local // w
-    cam = owner // n
-    tile_key = (cam * n_tiles + ty * tiles_x + tx).astype(jnp.uint32)
+    tile_key = ((owner // n) * n_tiles + ty * tiles_x + tx).astype(jnp.uint32)
     tile_key = jnp.where(used, tile_key, jnp.uint32(_SENTINEL))
-    dkey = depth_key(depths).reshape(-1)[owner]
 
-    if sort_key == "exact":
-        _, perm = jax.lax.sort((dkey, slot), num_keys=1, is_stable=True)
-        tile_key, perm = jax.lax.sort((tile_key[perm], perm), num_keys=1, is_stable=True)
-    else:
-        tile_bits = int(c * n_tiles).bit_length()
-        depth_bits = 32 - tile_bits
-        if depth_bits < 8:
-            raise ValueError(f"packed sort key: {c * n_tiles} tiles leave {depth_bits} depth bits")
-        key = (tile_key << depth_bits) | (dkey >> tile_bits)
-        key = jnp.where(used, key, jnp.uint32(_SENTINEL))
-        _, perm = jax.lax.sort((key, slot), num_keys=1, is_stable=True)
-        tile_key = tile_key[perm]
-    flat_ids = jnp.where(used, owner[perm], 0)
+    tile_key, flat_ids = jax.lax.sort((tile_key, owner), num_keys=1, is_stable=True)
+    stored_slot = tile_key != jnp.uint32(_SENTINEL)
     # Stored slots per tile (sentinel slots go to an extra bin that is dropped).
     bin_index = jnp.minimum(tile_key, jnp.uint32(c * n_tiles)).astype(jnp.int32)
     stored = jnp.zeros((c * n_tiles + 1,), jnp.int32).at[bin_index].add(1)[:-1]
-    tile_start = jnp.cumsum(stored) - stored
     return Bins(
-        flat_ids=flat_ids.astype(jnp.int32),
-        tile_start=tile_start.astype(jnp.int32),
+        flat_ids=jnp.where(stored_slot, flat_ids, 0),
+        tile_start=jnp.cumsum(stored) - stored,
         tile_count=stored,
         true_tile_count=true_tile_counts(lo, hi, tiles_x, tiles_y).reshape(-1),
-        n_isects=n_isects.astype(jnp.int32),
-        tiles_per_gauss=per_gauss.astype(jnp.int32),
+        n_isects=n_isects,
+        tiles_per_gauss=per_gauss,
     )

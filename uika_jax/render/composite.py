@@ -29,14 +29,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-ALPHA_THRESHOLD = 1.0 / 255.0
-MAX_ALPHA = 0.999
-T_THRESHOLD = 1e-4
+from uika_kernels.tiles import (
+    ALPHA_THRESHOLD,
+    MAX_ALPHA,
+    T_THRESHOLD,
+    segment_sum_sorted,
+    tile_grid,
+    tiles_to_image,
+)
 
 
 def _pixel_centres(n_cams: int, width: int, height: int, tile_size: int, dtype):
     """Pixel centres (T, P) of every tile of every camera, and which lie inside the image."""
-    tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
     p = jnp.arange(tile_size * tile_size)
     t = jnp.arange(n_cams * tiles_x * tiles_y) % (tiles_x * tiles_y)
     col = (t % tiles_x)[:, None] * tile_size + (p % tile_size)[None, :]
@@ -55,25 +60,6 @@ def _flatten_gaussians(means2d, conics, opacities, colors):
     )
 
 
-def tiles_to_image(x: jax.Array, n_cams: int, width: int, height: int, tile_size: int):
-    """(C * n_tiles, P, ...) per-tile pixels to (C, H, W, ...) images."""
-    tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-    rest = x.shape[2:]
-    x = x.reshape((n_cams, tiles_y, tiles_x, tile_size, tile_size, *rest))
-    x = jnp.moveaxis(x, 3, 2).reshape((n_cams, tiles_y * tile_size, tiles_x * tile_size, *rest))
-    return x[:, :height, :width]
-
-
-def image_to_tiles(x: jax.Array, width: int, height: int, tile_size: int):
-    """(C, H, W, ...) images to (C * n_tiles, P, ...) per-tile pixels (zero padded)."""
-    tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-    c, rest = x.shape[0], x.shape[3:]
-    pad = [(0, 0), (0, tiles_y * tile_size - height), (0, tiles_x * tile_size - width)]
-    x = jnp.pad(x, pad + [(0, 0)] * len(rest))
-    x = x.reshape((c, tiles_y, tile_size, tiles_x, tile_size, *rest))
-    return jnp.moveaxis(x, 2, 3).reshape((c * tiles_y * tiles_x, tile_size * tile_size, *rest))
-
-
 def _gather(flat, flat_ids, slot):
     """Per-tile Gaussian attributes of the given slots (clamped into range)."""
     g = flat_ids[jnp.clip(slot, 0, flat_ids.shape[0] - 1)]
@@ -87,25 +73,6 @@ def _alpha(mean, conic, opac, px, py):
     sigma = 0.5 * (conic[:, 0:1] * dx * dx + conic[:, 2:3] * dy * dy) + conic[:, 1:2] * dx * dy
     vis = jnp.exp(-sigma)
     return dx, dy, sigma, vis, jnp.minimum(MAX_ALPHA, opac[:, None] * vis)
-
-
-def segment_sum_sorted(values: jax.Array, ids: jax.Array, num_segments: int) -> jax.Array:
-    """Deterministic segment sum of rows (M, K) whose ids (M,) are sorted.
-
-    A segmented associative scan (a fixed summation tree on every backend, no
-    float atomics) followed by a scatter of each segment's last row (unique
-    indices), so gradients are bitwise reproducible.
-    """
-
-    def combine(a, b):
-        (va, ia), (vb, ib) = a, b
-        return jnp.where((ia == ib)[..., None], va + vb, vb), ib
-
-    sums, _ = jax.lax.associative_scan(combine, (values, ids))
-    is_end = jnp.append(ids[1:] != ids[:-1], True)
-    index = jnp.where(is_end, ids, num_segments)
-    out = jnp.zeros((num_segments, values.shape[-1]), values.dtype)
-    return out.at[index].set(sums, mode="drop")
 
 
 def _forward(means2d, conics, opacities, colors, flat_ids, tile_start, limit, dims):

@@ -3,11 +3,13 @@
 Plain `jnp`, differentiated by JAX autodiff. For C cameras and N Gaussians it
 returns per (camera, Gaussian) the image-space mean, the conic (inverse 2D
 covariance, upper triangle), the camera-space depth, the opacity and the
-integer tile-culling radii. Conventions (DESIGN.md §3): OpenCV pinhole camera,
-wxyz quaternions normalised here, linear scales, eps2d added to the 2D
-covariance, the Jacobian's x/z and y/z clamped to 1.3x the field of view
-(means2d itself is not clamped), near/far culling on depth, and one of two
-radius rules:
+integer tile-culling radii. Conventions (gsplat 1.5.3's CUDA projection):
+OpenCV pinhole camera, wxyz quaternions normalised here, linear scales, eps2d
+added to the 2D covariance, the Jacobian's x/z and y/z clamped to 1.3x the
+field of view (means2d itself is not clamped), near/far culling on depth that
+keeps depths exactly at either plane (the CUDA kernel culls
+``depth < near || depth > far``; gsplat's torch code also culls the planes
+themselves), and one of two radius rules:
 
 * ``"opacity"`` (default; what ``gsplat.rasterization`` does): per axis
   ``ceil(min(3.33, sqrt(2 ln(255 o))) sqrt(cov_ii))``, Gaussians with
@@ -15,9 +17,13 @@ radius rules:
 * ``"3sigma"``: ``ceil(3.33 sqrt(cov_ii))`` (gsplat's projection without opacities).
 
 A Gaussian is culled (radii 0) when it is invalid (see `valid`), its depth is
-outside (near, far), both radii are 0, or its box misses the image. Culled
-entries keep finite values everywhere; where the depth is not past the near
-plane their means2d and conics are 0, and they receive zero gradients.
+outside [near, far], both radii are 0, or its box misses the image. Culled
+entries keep finite values everywhere; where the depth is outside [near, far]
+their means2d and conics are 0, and they receive zero gradients.
+
+Precision: `rasterization()` projects in `compute_dtype(means.dtype)`, float32
+for bfloat16 or float16 Gaussians (whose means would otherwise lose about 2 px
+in the projection), float64 for float64 inputs; cameras are cast likewise.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ALPHA_THRESHOLD = 1.0 / 255.0
+from uika_kernels.tiles import ALPHA_THRESHOLD
+
 RADIUS_RULES = ("opacity", "3sigma")
 
 
@@ -92,6 +99,29 @@ def gaussian_validity(
     )
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+    """The float type the rasterizer computes in for inputs of `dtype`: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def sanitize(means, quats, scales, opacities, colors, viewmats, Ks):
+    """Masks invalid Gaussians and cameras (for traced inputs, which cannot raise).
+
+    Returns:
+      (colors, viewmats, Ks) with non-finite entries replaced by safe values, and the
+      masks gauss_ok (N,) and cam_ok (C,).
+    """
+    gauss_ok = gaussian_validity(means, quats, scales, opacities)
+    gauss_ok &= jnp.isfinite(colors).all(-1).reshape(-1, means.shape[0]).all(0)
+    cam_ok = jnp.isfinite(viewmats).all((-1, -2)) & jnp.isfinite(Ks).all((-1, -2))
+    cam_ok &= (Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)
+    eye_k = jnp.eye(3, dtype=Ks.dtype)
+    viewmats = jnp.where(cam_ok[:, None, None], viewmats, jnp.eye(4, dtype=viewmats.dtype))
+    Ks = jnp.where(cam_ok[:, None, None], Ks, eye_k)
+    colors = jnp.where(jnp.isfinite(colors), colors, 0.0)
+    return colors, viewmats, Ks, gauss_ok, cam_ok
+
+
 def project(
     means: jax.Array,
     quats: jax.Array,
@@ -119,19 +149,23 @@ def project(
       Ks: intrinsics (C, 3, 3).
       width: image width in pixels.
       height: image height in pixels.
-      near_plane: Gaussians with depth <= near_plane are culled.
-      far_plane: Gaussians with depth >= far_plane are culled.
+      near_plane: Gaussians with depth < near_plane are culled.
+      far_plane: Gaussians with depth > far_plane are culled.
       eps2d: added to the 2D covariance's diagonal.
       radius_rule: "opacity" or "3sigma" (module docstring).
       valid: optional (N,) or (C, N) mask; False entries are culled and their
         parameters replaced by safe values (no NaN reaches values or gradients).
 
     Returns:
-      The `Projected` Gaussians.
+      The `Projected` Gaussians, in `compute_dtype(means.dtype)` (every input is cast to
+      it, so bfloat16 Gaussians are projected in float32).
     """
     if radius_rule not in RADIUS_RULES:
         raise ValueError(f"radius_rule must be one of {RADIUS_RULES}, got {radius_rule!r}")
-    dtype = means.dtype
+    dtype = compute_dtype(means.dtype)
+    means, quats, scales, opacities, viewmats, Ks = (
+        x.astype(dtype) for x in (means, quats, scales, opacities, viewmats, Ks)
+    )
     n = means.shape[0]
     c = viewmats.shape[0]
     if valid is None:
@@ -150,7 +184,7 @@ def project(
     cov_c = jnp.einsum("cij,njk,clk->cnil", rot, covariance(quats, scales), rot)
 
     depths = means_c[..., 2]
-    in_depth = valid & (depths > near_plane) & (depths < far_plane)
+    in_depth = valid & (depths >= near_plane) & (depths <= far_plane)
     tz = jnp.where(in_depth, depths, 1.0)
     tx, ty = means_c[..., 0], means_c[..., 1]
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]

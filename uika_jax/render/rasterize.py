@@ -1,18 +1,34 @@
-"""Public differentiable Gaussian rasterizer: `rasterization()`, `RasterConfig`, capacities.
+"""Public differentiable Gaussian rasterizer: `rasterization()`.
 
 Mirrors ``gsplat.rasterization`` 1.5.3 (packed=False, pinhole, classic
 rasterize mode): project (projection.py), bin into 16x16 tiles in exact
-(camera, tile, depth) order (binning.py), composite front to back
-(composite.py for the ``reference`` backend). Inputs may carry leading batch
-dims (a batch of scenes, each with its own cameras); they are vmapped and,
-under a mesh (`jax.set_mesh`), run inside `jax.shard_map` over the batch
-axis, so no per-Gaussian array is ever gathered onto every device.
+(camera, tile, depth) order (binning.py), composite front to back with the
+backend `RasterConfig.backend` names (backends.py; composite.py is the
+reference). Inputs may carry leading batch dims (a batch of scenes, each with
+its own cameras); they are vmapped and, under a mesh (`jax.set_mesh`), run
+inside `jax.shard_map` over the batch axis, so no per-Gaussian array is ever
+gathered onto every device.
 
-Capacities are static: `RasterConfig.capacity` intersection slots per scene
-and an optional `tile_cap` slots per tile. Every call counts what did not fit
-(`meta`); ``strict=True`` raises `RasterOverflowError` instead (eagerly, or
-from a `jax.debug.callback` under `jax.jit`). Use `calibrate_capacity()` on
-sample data to size both.
+Precision: Gaussians and cameras are projected and composited in at least
+float32 (`projection.compute_dtype`): bfloat16 or float16 inputs are cast up,
+float64 inputs stay float64. The outputs keep that compute type (a bfloat16
+image would quantise colours to 8 bits); gradients reach the inputs in their
+own dtypes.
+
+Capacities are static shapes: `RasterConfig.capacity` intersection slots per
+scene and an optional `tile_cap` slots per tile. With ``capacity=None`` a call
+on concrete (non-traced) inputs counts its intersections exactly first and
+sizes the slots itself (`capacity.round_capacity`), up to what int32 slot
+indices and memory allow, beyond which it raises a clear error; under tracing
+it cannot count, so it takes the exact bound C * N * n_tiles up to 2^24 and
+otherwise asks for a capacity. What does not fit is dropped farthest first:
+the farthest intersections beyond `capacity`, the farthest slots of a tile
+beyond `tile_cap`. Every call counts what was dropped (`meta`); an overflow
+logs a rate-limited warning (`OVERFLOW_WARNING`, from inside jit through
+`jax.debug.callback`; `RasterConfig.warn_on_overflow`). ``strict=True``
+raises `RasterOverflowError` on eager calls; under a caller's jit the counters
+are returned and the caller raises (`check_overflow(meta)` on the fetched
+`meta`).
 
 Bad input: in eager calls, non-finite parameters, negative scales, opacities
 outside [0, 1], zero quaternions and non-finite or non-positive-focal cameras
@@ -27,103 +43,55 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
+import logging
 import math
-from collections.abc import Callable
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uika_jax.render import binning, composite, projection
+from uika_jax.render import backends, binning, capacity, projection
+from uika_jax.render.config import RasterConfig, RasterOverflowError
+from uika_kernels.tiles import tiles_to_image
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
-DEFAULT_CAPACITY_LIMIT = 2**24
+# capacity=None: below this exact bound C * N * n_tiles, the bound itself (no counting pass).
+SMALL_BOUND = 2**16
+# capacity=None under tracing: the exact bound, up to this many slots.
+TRACED_BOUND_LIMIT = 2**24
 
-# A backend composites binned Gaussians; same signature and outputs as `composite.composite`.
-_BACKENDS: dict[str, Callable] = {"reference": composite.composite}
-
-
-class RasterOverflowError(RuntimeError):
-    """A static rasterizer capacity was exceeded in strict mode."""
+_LOG = logging.getLogger(__name__)
 
 
-def register_backend(name: str, fn: Callable) -> None:
-    """Registers a compositing backend with the signature of `composite.composite`."""
-    _BACKENDS[name] = fn
+class RateLimitedWarning:
+    """Logs a warning at most once per `interval_s` seconds, counting the ones held back."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the last warning: the next one is logged."""
+        self._last = -math.inf
+        self.held_back = 0
+
+    def warn(self, message: str) -> None:
+        """Logs `message` unless one was logged less than `interval_s` seconds ago."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                self.held_back += 1
+                return
+            if self.held_back:
+                message += f" ({self.held_back} more overflowing calls since the last warning)"
+            self._last, self.held_back = now, 0
+        _LOG.warning(message)
 
 
-@dataclasses.dataclass(frozen=True)
-class RasterConfig:
-    """Static rasterizer settings (hashable: part of the jit cache key).
-
-    Attributes:
-      backend: compositing backend: "reference", or the Pallas kernels of `uika_kernels`
-        ("pallas": Triton on GPU, Mosaic on TPU; "pallas_triton", "pallas_mosaic" and
-        their "_interpret" variants), imported on first use.
-      capacity: intersection slots per scene; None: the exact bound C * N * n_tiles
-        (refused above 2^24: use `calibrate_capacity()`).
-      tile_cap: at most this many intersections composited per tile; None: no cap.
-      radius_rule: "opacity" (gsplat.rasterization's, default) or "3sigma".
-      strict: raise `RasterOverflowError` when a capacity is exceeded.
-      sort_key: "exact" (two stable uint32 sorts) or "packed" (one lossy 32-bit key).
-      batch_axes: mesh axes the leading batch dim is sharded over under a mesh;
-        None: the mesh's non-manual axes, taken greedily in mesh order while the
-        batch size stays divisible (scenes are replicated over the others).
-    """
-
-    backend: str = "reference"
-    capacity: int | None = None
-    tile_cap: int | None = None
-    radius_rule: str = "opacity"
-    strict: bool = False
-    sort_key: str = "exact"
-    batch_axes: tuple[str, ...] | None = None
-
-    def __post_init__(self):
-        if self.backend not in _BACKENDS and self.backend.startswith("pallas"):
-            importlib.import_module("uika_kernels")  # registers the Pallas backends
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; have {sorted(_BACKENDS)}")
-        if self.radius_rule not in projection.RADIUS_RULES:
-            raise ValueError(f"radius_rule must be one of {projection.RADIUS_RULES}")
-        if self.sort_key not in binning.SORT_KEYS:
-            raise ValueError(f"sort_key must be one of {binning.SORT_KEYS}")
-        for name in ("capacity", "tile_cap"):
-            v = getattr(self, name)
-            if v is not None and (int(v) != v or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
-
-
-def _resolve_capacity(config: RasterConfig, c: int, n: int, n_tiles: int) -> int:
-    if config.capacity is not None:
-        return int(config.capacity)
-    bound = c * n * n_tiles
-    if bound > DEFAULT_CAPACITY_LIMIT:
-        raise ValueError(
-            f"the exact intersection bound C*N*n_tiles = {c}*{n}*{n_tiles} = {bound} exceeds "
-            f"2^24; size RasterConfig.capacity (and tile_cap) with calibrate_capacity() on "
-            f"sample data"
-        )
-    return max(bound, 1)
-
-
-def sanitize(means, quats, scales, opacities, colors, viewmats, Ks):
-    """Masks invalid Gaussians / cameras.
-
-    Returns:
-      (colors, viewmats, Ks) with non-finite entries replaced by safe values, and the
-      masks gauss_ok (N,) and cam_ok (C,).
-    """
-    gauss_ok = projection.gaussian_validity(means, quats, scales, opacities)
-    gauss_ok &= jnp.isfinite(colors).all(-1).reshape(-1, means.shape[0]).all(0)
-    cam_ok = jnp.isfinite(viewmats).all((-1, -2)) & jnp.isfinite(Ks).all((-1, -2))
-    cam_ok &= (Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)
-    eye_k = jnp.eye(3, dtype=Ks.dtype)
-    viewmats = jnp.where(cam_ok[:, None, None], viewmats, jnp.eye(4, dtype=viewmats.dtype))
-    Ks = jnp.where(cam_ok[:, None, None], Ks, eye_k)
-    colors = jnp.where(jnp.isfinite(colors), colors, 0.0)
-    return colors, viewmats, Ks, gauss_ok, cam_ok
+OVERFLOW_WARNING = RateLimitedWarning(interval_s=60.0)
 
 
 def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, *, static):
@@ -132,9 +100,8 @@ def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, back
     c, n = viewmats.shape[0], means.shape[0]
     tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
     n_tiles = tiles_x * tiles_y
-    capacity = _resolve_capacity(config, c, n, n_tiles)
 
-    colors, viewmats, Ks, gauss_ok, cam_ok = sanitize(
+    colors, viewmats, Ks, gauss_ok, cam_ok = projection.sanitize(
         means, quats, scales, opacities, colors, viewmats, Ks
     )
     valid = cam_ok[:, None] & gauss_ok[None, :]
@@ -145,7 +112,7 @@ def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, back
     )  # fmt: skip
     bins = binning.bin_gaussians(
         proj.means2d, proj.radii, proj.depths, width, height,
-        tile_size=tile_size, capacity=capacity, sort_key=config.sort_key,
+        tile_size=tile_size, capacity=config.capacity,
     )  # fmt: skip
 
     colors = jnp.broadcast_to(colors, (c, n, colors.shape[-1]))
@@ -161,7 +128,7 @@ def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, back
         feats = colors
     feats = jnp.where(proj.radii[..., :1] > 0, feats, 0.0)
 
-    acc, t_final, truncated = _BACKENDS[config.backend](
+    acc, t_final, truncated = backends.get_backend(config.backend)(
         proj.means2d, proj.conics, proj.opacities, feats.astype(proj.means2d.dtype),
         bins.flat_ids, bins.tile_start, bins.tile_count, width, height,
         tile_size=tile_size, tile_cap=config.tile_cap,
@@ -185,7 +152,9 @@ def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, back
     )
     p = tile_size * tile_size
     tile_pix = jnp.broadcast_to(dropped_tile[:, None], (c * n_tiles, p))
-    affected = composite.tiles_to_image(tile_pix, c, width, height, tile_size) | truncated
+    affected = tiles_to_image(tile_pix, c, width, height, tile_size) | truncated
+    isects_dropped = jnp.maximum(bins.n_isects - config.capacity, 0)
+    tiles_overflow = jnp.sum(dropped_tile | capped_tile).astype(jnp.int32)
     meta = {
         "radii": proj.radii,
         "means2d": proj.means2d,
@@ -196,10 +165,11 @@ def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, back
         "flatten_ids": bins.flat_ids,
         "isect_offsets": bins.tile_start.reshape(c, tiles_y, tiles_x),
         "n_isects": bins.n_isects,
-        "isects_dropped": jnp.maximum(bins.n_isects - capacity, 0),
+        "isects_dropped": isects_dropped,
         "max_tile_count": jnp.max(true_count),
-        "tiles_overflow": jnp.sum(dropped_tile | capped_tile).astype(jnp.int32),
+        "tiles_overflow": tiles_overflow,
         "pixels_overflow": jnp.sum(affected).astype(jnp.int32),
+        "overflow": (isects_dropped > 0) | (tiles_overflow > 0),
         "n_invalid_gaussians": jnp.sum(~gauss_ok).astype(jnp.int32),
         "n_invalid_cameras": jnp.sum(~cam_ok).astype(jnp.int32),
     }
@@ -275,26 +245,85 @@ def _check_values(means, quats, scales, opacities, colors, viewmats, Ks, backgro
         raise ValueError("Ks must have positive focal lengths")
 
 
-def _overflow_message(meta) -> str | None:
+def overflow_message(meta: dict) -> str | None:
+    """What overflowed in `meta` (fetched values; batched counters are maxed), or None."""
     dropped = int(np.max(meta["isects_dropped"]))
     tiles = int(np.max(meta["tiles_overflow"]))
     if dropped == 0 and tiles == 0:
         return None
     return (
         f"rasterizer overflow: {dropped} intersections beyond capacity (true total "
-        f"{int(np.max(meta['n_isects']))}), {tiles} tiles over capacity or tile_cap, "
-        f"{int(np.max(meta['pixels_overflow']))} pixels affected; raise "
+        f"{int(np.max(meta['n_isects']))}; the farthest were dropped), {tiles} tiles over "
+        f"capacity or tile_cap, {int(np.max(meta['pixels_overflow']))} pixels affected; raise "
         f"RasterConfig.capacity / tile_cap (see calibrate_capacity())"
     )
 
 
-def _raise_on_overflow(dropped, tiles, total, pixels):
-    msg = _overflow_message(
+def check_overflow(meta: dict) -> None:
+    """Raises `RasterOverflowError` if `meta` (fetched from a jitted call) shows an overflow.
+
+    For training loops that jit `rasterization()` with ``strict=True``: inside jit the
+    error cannot be raised, so the loop calls this on the returned `meta`.
+    """
+    message = overflow_message(meta)
+    if message is not None:
+        raise RasterOverflowError(message)
+
+
+def _warn_on_overflow(dropped, tiles, total, pixels):
+    message = overflow_message(
         {"isects_dropped": dropped, "tiles_overflow": tiles, "n_isects": total,
          "pixels_overflow": pixels}
     )  # fmt: skip
-    if msg is not None:
-        raise RasterOverflowError(msg)
+    if message is not None:
+        OVERFLOW_WARNING.warn(message)
+
+
+def _reporting_overflow(fn):
+    """`fn` (returning render, alphas, meta) that also warns of an overflow from inside jit.
+
+    One `jax.debug.callback` per call on the counters' maxima over the local batch
+    (inside `shard_map`, per device: no collective).
+    """
+
+    def wrapped(*args):
+        render, alphas, meta = fn(*args)
+        jax.debug.callback(
+            _warn_on_overflow,
+            *(jnp.max(meta[k]) for k in ("isects_dropped", "tiles_overflow", "n_isects",
+                                         "pixels_overflow")),
+        )  # fmt: skip
+        return render, alphas, meta
+
+    return wrapped
+
+
+def _capacity(config, arrays, concrete, c, n, static) -> int:
+    """Intersection slots per scene for this call (see `RasterConfig.capacity`)."""
+    if config.capacity is not None:
+        return int(config.capacity)
+    width, height, near_plane, far_plane, eps2d, tile_size = static
+    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
+    bound = c * n * tiles_x * tiles_y
+    if bound <= SMALL_BOUND:
+        return max(bound, 1)
+    if concrete:
+        means, quats, scales, opacities, _, viewmats, Ks = arrays
+        total, _ = capacity.scene_counts(
+            means, quats, scales, opacities, viewmats, Ks, width=width, height=height,
+            near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, tile_size=tile_size,
+            radius_rule=config.radius_rule,
+        )  # fmt: skip
+        return min(capacity.round_capacity(int(np.max(total))), bound)
+    if bound <= TRACED_BOUND_LIMIT:
+        return bound
+    raise ValueError(
+        f"under jit (traced inputs) rasterization() cannot count intersections to size its "
+        f"buffers, and the exact bound C*N*n_tiles = {c}*{n}*{tiles_x * tiles_y} = {bound} "
+        f"exceeds 2^24: pass config=RasterConfig(capacity=...), e.g. "
+        f"calibrate_capacity(means, quats, scales, opacities, viewmats, Ks, width, height) "
+        f"on sample data, or call it outside jit"
+    )
 
 
 def _batch_axes(mesh, requested: tuple[str, ...] | None, batch: int) -> tuple[str, ...]:
@@ -322,17 +351,18 @@ def _batch_axes(mesh, requested: tuple[str, ...] | None, batch: int) -> tuple[st
 @functools.partial(jax.jit, static_argnames=("static",))
 def _rasterize_batched(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, static):
     nb = means.ndim - 2
+    config = static[-1]
+    report = _reporting_overflow if config.warn_on_overflow else lambda fn: fn
     fn = functools.partial(_rasterize_scene, static=static)
     if nb == 0:
-        return fn(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
+        return report(fn)(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
     batch = means.shape[:nb]
     flat = [
         None if x is None else x.reshape((-1, *x.shape[nb:]))
         for x in (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
     ]
-    vfn = jax.vmap(fn)
+    vfn = report(jax.vmap(fn))
     mesh = jax.sharding.get_abstract_mesh()
-    config = static[-1]
     axes = () if mesh.empty else _batch_axes(mesh, config.batch_axes, flat[0].shape[0])
     if axes:
         spec = jax.P(axes)
@@ -378,28 +408,32 @@ def rasterization(
       Ks: intrinsics (..., C, 3, 3).
       width: image width (any size).
       height: image height.
-      near_plane: depth culling, near.
-      far_plane: depth culling, far.
+      near_plane: depth culling, near (depths exactly at the plane are kept).
+      far_plane: depth culling, far (depths exactly at the plane are kept).
       eps2d: added to 2D covariances (zero scales become eps2d-sized points).
       tile_size: tile side in pixels.
       backgrounds: (..., C, D) or (D,) colours behind the Gaussians.
       render_mode: "RGB" (features as given), "D" (accumulated depth), "ED" (depth
         divided by alpha), "RGB+D" / "RGB+ED" (depth appended as the last channel).
-      config: `RasterConfig`; None: the defaults (exact capacity bound, no tile cap).
+      config: `RasterConfig`; None: the defaults ("auto" backend, capacity sized per
+        call, no tile cap).
 
     Returns:
-      (render_colors (..., C, H, W, D'), render_alphas (..., C, H, W, 1), meta): meta holds
-      per (camera, Gaussian) `radii`, `means2d`, `depths`, `conics`, `opacities`,
-      `tiles_per_gauss`; the bins `flatten_ids`, `isect_offsets`; the counters
-      `n_isects` (true total), `isects_dropped`, `max_tile_count`, `tiles_overflow`,
-      `pixels_overflow`, `n_invalid_gaussians`, `n_invalid_cameras`; and the static
-      `isect_capacity`, `tile_cap`, `width`, `height`, `tile_size`, `tile_width`,
-      `tile_height`, `n_cameras`.
+      (render_colors (..., C, H, W, D'), render_alphas (..., C, H, W, 1), meta), in the
+      compute dtype (float32 unless the means are float64): meta holds per (camera,
+      Gaussian) `radii`, `means2d`, `depths`, `conics`, `opacities`, `tiles_per_gauss`;
+      the bins `flatten_ids`, `isect_offsets`; the counters `n_isects` (true total,
+      saturating at 2^31 - 1), `isects_dropped`, `max_tile_count`, `tiles_overflow`,
+      `pixels_overflow`, `overflow` (bool), `n_invalid_gaussians`, `n_invalid_cameras`
+      (one per scene); and the static `isect_capacity`, `tile_cap`, `width`, `height`,
+      `tile_size`, `tile_width`, `tile_height`, `n_cameras`.
 
     Raises:
-      ValueError: bad shapes or modes, bad values in an eager call, or a default
-        capacity above 2^24.
-      RasterOverflowError: a capacity was exceeded with `config.strict`.
+      ValueError: bad shapes or modes, bad values in an eager call, more intersections
+        than int32 slots address, or (under tracing) capacity=None with an exact bound
+        above 2^24.
+      MemoryError: the device ran out of memory (the message names the capacity).
+      RasterOverflowError: a capacity was exceeded with `config.strict` in an eager call.
     """
     config = config or RasterConfig()
     width, height, tile_size = int(width), int(height), int(tile_size)
@@ -417,32 +451,32 @@ def rasterization(
     concrete = _is_concrete(*arrays, backgrounds)
     if concrete:
         _check_values(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
-    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
-    capacity = _resolve_capacity(config, c, n, tiles_x * tiles_y)
-    dtype = means.dtype
+    dtype = projection.compute_dtype(means.dtype)
+    arrays = [x.astype(dtype) for x in arrays]
     if backgrounds is not None:
         backgrounds = jnp.broadcast_to(backgrounds, (*batch, c, colors.shape[-1])).astype(dtype)
-    colors = colors.astype(dtype)
+    geometry = (width, height, float(near_plane), float(far_plane), float(eps2d), tile_size)
+    slots = _capacity(config, arrays, concrete, c, n, geometry)
     # `strict` only matters out here: keep it out of the jit cache key.
-    core_config = dataclasses.replace(config, strict=False)
-    static = (width, height, float(near_plane), float(far_plane), float(eps2d), tile_size,
-              render_mode, core_config)  # fmt: skip
-    render, alphas, meta = _rasterize_batched(
-        means, quats.astype(dtype), scales.astype(dtype), opacities.astype(dtype), colors,
-        viewmats.astype(dtype), Ks.astype(dtype), backgrounds, static,
-    )  # fmt: skip
-    if config.strict:
-        if concrete:
-            msg = _overflow_message(meta)
-            if msg is not None:
-                raise RasterOverflowError(msg)
-        else:
-            jax.debug.callback(
-                _raise_on_overflow, meta["isects_dropped"], meta["tiles_overflow"],
-                meta["n_isects"], meta["pixels_overflow"],
-            )  # fmt: skip
+    core_config = dataclasses.replace(config, capacity=slots, strict=False)
+    try:
+        render, alphas, meta = _rasterize_batched(
+            *arrays, backgrounds, (*geometry, render_mode, core_config)
+        )
+        message = overflow_message(meta) if concrete and config.strict else None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise MemoryError(
+            f"rasterization() ran out of device memory with {slots} intersection slots per "
+            f"scene ({math.prod(batch)} scenes x {c} cameras, {n} Gaussians, {width}x{height}):"
+            f" render fewer scenes or cameras per call, or fewer or smaller Gaussians"
+        ) from e
+    if config.strict and message is not None:
+        raise RasterOverflowError(message)
+    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
     meta.update(
-        isect_capacity=capacity, tile_cap=config.tile_cap, width=width, height=height,
+        isect_capacity=slots, tile_cap=config.tile_cap, width=width, height=height,
         tile_size=tile_size, tile_width=tiles_x, tile_height=tiles_y, n_cameras=c,
     )  # fmt: skip
     return render, alphas, meta

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from gsplat.cuda import _torch_impl as ti
 
-ALPHA_THRESHOLD = 1.0 / 255.0
+from uika_kernels.tiles import ALPHA_THRESHOLD, tile_grid
 
 
 def project(
@@ -174,7 +174,7 @@ def render(
         means, covars, viewmats, Ks, width, height
     )
     c = means2d.shape[0]
-    tw, th = -(-width // tile_size), -(-height // tile_size)
+    tw, th = tile_grid(width, height, tile_size)
     _tpg, isect_ids, flat = ti._isect_tiles(means2d, radii, depths, tile_size, tw, th)
     offsets = ti._isect_offset_encode(isect_ids, c, tw, th)
     op = opacities[None].expand(c, -1)
