@@ -1,18 +1,21 @@
 """FLAME forward time at FLAME size, ours (JAX, jitted) beside smplx's LBS (PyTorch).
 
-    python benchmarks/flame.py [--batches 1,64] [--repeats 50]
+    python benchmarks/flame.py [--batches 1,64] [--repeats 50] [--runs 6]
 
 Both run on this machine's CPU in the same process, on the same random
 FLAME-size model (5023 vertices, 9976 faces, 300 shape + 100 expression
 components, 36 pose correctives, 5 joints) and the same inputs. smplx comes
 from the `ref` extra (`pip install -e '.[ref]'`); `smplx.lbs.lbs` is the whole
 of `smplx.FLAME.forward` except the landmark lookup, which needs FLAME files.
-Prints a table of median milliseconds per call.
+Each run times `--repeats` calls of each and keeps the median; the runs
+alternate between the two, and the table prints the median over runs with the
+spread (min-max) beside it, for the times and for the per-run speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import jax
 import numpy as np
@@ -44,7 +47,8 @@ def flame_size_model(seed: int = 0) -> HeadModel:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=50, help="calls per run")
+    parser.add_argument("--runs", type=int, default=6, help="runs per figure")
     args = parser.parse_args()
 
     import torch
@@ -64,24 +68,37 @@ def main() -> None:
     }
 
     print(f"device: {jax.devices()[0].device_kind}, torch threads: {torch.get_num_threads()}")
-    print(f"{'batch':>6} | {'uika_jax (ms)':>14} | {'smplx (ms)':>11} | {'speed-up':>8}")
-    print("-" * 50)
+    print(f"{'batch':>6} | {'uika_jax ms':>22} | {'smplx ms':>22} | {'speed-up':>19}")
+    print("-" * 80)
     for batch in (int(b) for b in args.batches.split(",")):
         rng = np.random.default_rng(batch)
         betas = rng.normal(size=(batch, NUM_SHAPE + NUM_EXPRESSION)).astype(np.float32)
         pose = rng.normal(scale=0.3, size=(batch, NUM_JOINTS, 3)).astype(np.float32)
         jax_args = [jax.device_put(a) for a in (betas[:, :NUM_SHAPE], betas[:, NUM_SHAPE:], pose)]
-        ours = median_ms(
-            lambda a=jax_args: jax.block_until_ready(forward(model, *a)), args.repeats, warmup=2
-        )
         torch_betas, torch_pose = torch.tensor(betas), torch.tensor(pose.reshape(batch, -1))
+
+        def ours_call(a=jax_args):
+            jax.block_until_ready(forward(model, *a))
 
         def smplx_call(torch_betas=torch_betas, torch_pose=torch_pose):
             with torch.no_grad():
                 smplx_lbs(torch_betas, torch_pose, **torch_model)
 
-        theirs = median_ms(smplx_call, args.repeats, warmup=2)
-        print(f"{batch:>6} | {ours:>14.3f} | {theirs:>11.3f} | {theirs / ours:>7.2f}x")
+        ours, theirs = [], []
+        for _ in range(args.runs):
+            ours.append(median_ms(ours_call, args.repeats, warmup=2))
+            theirs.append(median_ms(smplx_call, args.repeats, warmup=2))
+        ratios = [t / o for o, t in zip(ours, theirs, strict=True)]
+        print(
+            f"{batch:>6} | {spread(ours, '.3f'):>22} | {spread(theirs, '.3f'):>22} | "
+            f"{spread(ratios, '.2f', 'x'):>19}"
+        )
+
+
+def spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """Formats the median of `values` with their range: 'median (min-max)'."""
+    median, low, high = statistics.median(values), min(values), max(values)
+    return f"{median:{fmt}}{unit} ({low:{fmt}}-{high:{fmt}})"
 
 
 if __name__ == "__main__":
