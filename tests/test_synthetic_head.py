@@ -7,7 +7,8 @@ import pytest
 from uika_jax.head.lbs import flame_forward
 from uika_jax.head.model import validate_head_model
 from uika_jax.head.uv_raster import corner_image_uv
-from uika_jax.render.camera import framing_camera
+from uika_jax.render.camera import framing_camera, project, world_to_camera
+from uika_jax.render.mesh_raster import rasterize_triangles
 from uika_jax.render.mesh_render import render_mesh
 from uika_jax.synthetic import mesh as mesh
 from uika_jax.synthetic import sculpt as sculpt
@@ -17,12 +18,14 @@ from uika_jax.synthetic.head import (
     EXPRESSION_PRESETS,
     NUM_EXPRESSION,
     NUM_SHAPE,
+    SHAPE_COMPONENTS,
     _build,
     expression_preset,
     identity_coefficients,
     synthetic_head_model,
     synthetic_layout,
 )
+from uika_jax.synthetic.views import identity_camera
 
 forward = jax.jit(flame_forward)
 
@@ -251,6 +254,108 @@ def test_blink_covers_the_eye(model, layout):
     assert _part_pixels(model, layout, closed, mesh.RIGHT_EYE) > 40
 
 
+EYE_SEEDS = range(16)
+EYE_VIEWS = (("neutral", 0.0), ("neutral", 35.0), ("angry", 0.0))
+"""(expression preset, camera yaw) of the eye check: frontal, three-quarter (the head is
+symmetric: one side shows a near and a far eye), lowered brows."""
+EYE_IMAGE_SIZE = 160
+LID_TOLERANCE = 0.0005
+"""How far outside the almond (in `sculpt.eye_opening` units, metres) an eyeball may show."""
+OPENING_CORE = -0.0012
+"""Eyeball points this far inside the almond must show in neutral frontal views."""
+EYE_REGION = ((-1.0, -0.01, 0.04), (1.0, 0.05, 1.0))
+"""Box (low, high corners) of the faces drawn: every sight line from the identity cameras (level,
+yaw up to 35 degrees) to an eyeball stays inside it, so the faces outside could hide nothing
+more and leave no hole to see through."""
+
+
+def _identity_params(shape):
+    """The sculpt parameters of an identity: its named components' parameter changes added."""
+    params = dict(sculpt.BASE_PARAMS)
+    for coefficient, (_, delta) in zip(shape[:NUM_SHAPE], SHAPE_COMPONENTS, strict=True):
+        for name, change in delta.items():
+            params[name] += float(coefficient) * change
+    return params
+
+
+@jax.jit
+def _eye_views(model, faces, eyeball_faces, shape, expression, pose, viewmat, K):
+    """Batched views: posed joints, visible face per pixel, depth of the eyeballs alone."""
+
+    def one(shape, expression, pose, viewmat, K):
+        vertices, joints = flame_forward(model, shape, expression, pose)
+        camera = world_to_camera(vertices, viewmat)
+        corners, depth = project(camera, K), camera[:, 2]
+        size = EYE_IMAGE_SIZE
+        drawn = rasterize_triangles(corners[faces], depth[faces], size, size, max_extent=12)
+        eyeballs = rasterize_triangles(
+            corners[eyeball_faces], depth[eyeball_faces], size, size, max_extent=4
+        )
+        overflow = drawn.overflow + eyeballs.overflow
+        return joints, drawn.triangle_id, overflow, eyeballs.depth
+
+    return jax.vmap(one)(shape, expression, pose, viewmat, K)
+
+
+def _eyeball_points(depth, viewmat, K):
+    """World points (H, W, 3) at the depth of every pixel of one view."""
+    rows, cols = np.indices(depth.shape)
+    pixels = np.stack([cols + 0.5, rows + 0.5, np.ones(depth.shape)], axis=-1)
+    camera = np.where(np.isfinite(depth), depth, 0.0)[..., None] * (pixels @ np.linalg.inv(K).T)
+    return (camera - viewmat[:3, 3]) @ viewmat[:3, :3]
+
+
+def test_eyeballs_show_only_through_the_eye_opening(model, layout):
+    """The lids and skin hide the eyeballs everywhere but in the almond opening between the lids.
+
+    For 16 identities, frontal, three-quarter and with lowered brows, the eyeballs
+    alone are rendered to find the eyeball point behind each pixel. Every eyeball
+    pixel visible in the full render must lie within its identity's eye opening
+    (`sculpt.eye_opening` with that identity's parameters), and in neutral
+    frontal views the eyeball must show wherever it lies well inside the opening.
+    """
+    low, high = EYE_REGION
+    in_box = np.all((model.v_template > low) & (model.v_template < high), axis=-1)
+    faces = model.faces[np.any(in_box[model.faces], axis=1)]
+    face_part = layout.part[faces[:, 0]]
+    eyeball_faces = faces[np.isin(face_part, [mesh.LEFT_EYE, mesh.RIGHT_EYE])]
+    cases = [(seed, view) for seed in EYE_SEEDS for view in EYE_VIEWS]
+    shapes = np.stack([identity_coefficients(seed) for seed, _ in cases])
+    presets = [expression_preset(expression) for _, (expression, _) in cases]
+    poses = np.zeros((len(cases), 5, 3), np.float32)
+    poses[:, 2] = [jaw for _, jaw in presets]
+    cameras = [
+        identity_camera(model, shape, EYE_IMAGE_SIZE, yaw)
+        for shape, (_, (_, yaw)) in zip(shapes, cases, strict=True)
+    ]
+    viewmats, Ks = (np.stack(c) for c in zip(*cameras, strict=True))
+    expressions = np.stack([expression for expression, _ in presets])
+    joints, triangles, overflow, depth = (
+        np.asarray(a)
+        for a in _eye_views(model, faces, eyeball_faces, shapes, expressions, poses, viewmats, Ks)
+    )
+    assert not overflow.any()
+    outside, core, hidden_core = {}, {}, {}
+    for i, (seed, view) in enumerate(cases):
+        params = _identity_params(shapes[i])
+        points = _eyeball_points(depth[i], viewmats[i], Ks[i])
+        visible_part = np.where(triangles[i] >= 0, face_part[triangles[i]], -1)
+        for part, joint, side in ((mesh.LEFT_EYE, 3, 1.0), (mesh.RIGHT_EYE, 4, -1.0)):
+            relative = points - joints[i, joint]
+            opening = sculpt.eye_opening(side * relative[..., 0], relative[..., 1], params)
+            shows = visible_part == part
+            outside[seed, view, part] = int(np.sum(shows & (opening > LID_TOLERANCE)))
+            if view == ("neutral", 0.0):
+                on_ball = np.isfinite(depth[i]) & (np.linalg.norm(relative, axis=-1) < 0.02)
+                inner = on_ball & (opening < OPENING_CORE)
+                core[seed, part] = int(inner.sum())
+                hidden_core[seed, part] = int(np.sum(inner & ~shows))
+    poking = {case: n for case, n in outside.items() if n}
+    assert not poking, f"eyeball pixels outside the opening by (seed, view, eye): {poking}"
+    assert min(core.values()) >= 10, core
+    assert max(hidden_core[c] / core[c] for c in core) < 0.1, (hidden_core, core)
+
+
 def test_identities_differ(model):
     heads = [_posed(model, shape=identity_coefficients(seed)) for seed in range(4)]
     for i in range(4):
@@ -259,7 +364,7 @@ def test_identities_differ(model):
             assert distance.mean() > 0.0015 and distance.max() > 0.006, (i, j)
     widths = [h[:, 0].max() - h[:, 0].min() for h in heads]
     assert max(widths) - min(widths) > 0.003
-    # Plausible: N(0, 1) identities stay head-sized and keep the eyes inside their lids.
+    # Plausible: N(0, 1) identities stay head-sized, chin to crown.
     for h in heads:
         assert 0.2 < h[:, 1].max() - h[h[:, 2] > 0.04, 1].min() < 0.27
 

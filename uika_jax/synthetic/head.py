@@ -11,7 +11,8 @@ sculpted signed distance field (`synthetic_sculpt`) and a fixed mesh structure
 * identity blendshapes: the first `len(SHAPE_NAMES)` move named sculpt
   parameters (head width, nose length, ...) by one standard deviation each, so
   coefficients drawn from N(0, 1) (`identity_coefficients`) give plausible,
-  clearly different heads; further ones are small smooth symmetric bumps;
+  clearly different heads (the skin over the eyes moves with them, so the lids
+  stay on the eyeballs); further ones are small smooth symmetric bumps;
 * expression blendshapes (`EXPRESSION_NAMES`: smile, brow raise, blinks, ...,
   further ones small smooth bumps) and presets (`expression_preset`);
 * skinning: the lower face blends into the jaw below the mouth line, the neck
@@ -43,7 +44,7 @@ from uika_jax.synthetic.deform import (
     vertex_normals,
 )
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 """Bumped whenever the generated arrays change; part of the model's fingerprint."""
 
 SHAPE_COMPONENTS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -115,11 +116,19 @@ def framing_landmarks() -> tuple[int, int]:
 def _shape_direction(
     layout: mesh.MeshLayout, vertices: np.ndarray, delta: dict[str, float]
 ) -> np.ndarray:
-    """Displacements (V, 3) of every vertex when the sculpt parameters move by `delta`."""
+    """Displacements (V, 3) of every vertex when the sculpt parameters move by `delta`.
+
+    The skin moves along its rays (`sculpt.ray_derivative`), except over the
+    eyes, where it moves with the eye (`sculpt.eye_skin_motion`), so that the lids
+    stay on the eyeball for any combination of coefficients.
+    """
     base = dict(sculpt.BASE_PARAMS)
     skin = layout.part == mesh.SKIN
+    follow = sculpt.eye_follow_weight(vertices[skin], base)[:, None]
     moved = np.zeros_like(vertices)
-    moved[skin] = sculpt.ray_derivative(vertices[skin], layout.directions[skin], base, delta)
+    moved[skin] = follow * sculpt.eye_skin_motion(vertices[skin], base, delta) + (
+        1.0 - follow
+    ) * sculpt.ray_derivative(vertices[skin], layout.directions[skin], base, delta)
     plus = mesh.attached_positions(
         layout, vertices + moved, {k: v + delta.get(k, 0.0) for k, v in base.items()}
     )

@@ -7,7 +7,9 @@ dictionary of named parameters in metres (`BASE_PARAMS`). `project_rays` finds
 where rays from inside the head leave the surface; `ray_derivative` gives, to
 first order, how far those exit points move along their rays when parameters
 change, which is how the identity blendshapes of `uika_jax.synthetic.head` are
-made: the same rays, a different sculpt.
+made: the same rays, a different sculpt. Over the eyes the skin instead moves
+with its eye (`eye_skin_motion`), blending into the rays' motion around them
+(`eye_follow_weight`).
 
 Coordinates follow FLAME: metres, y up, the face looking along +z, x towards
 the subject's left.
@@ -90,6 +92,10 @@ LID_RAMP = 0.0015
 """Half-width of the ramp between lid and floor, in `eye_opening` units (metres)."""
 OPENING_EDGE = -0.0004
 """The `eye_opening` value where the lids meet the eyeball (the visible eye's rim)."""
+EYE_FOLLOW = (0.002, 0.014)
+"""Distances beyond eye_r from an eye centre over which the skin's motion under a parameter
+change goes from following its eye (lids and socket, `eye_skin_motion`) to following its
+ray (`ray_derivative`)."""
 
 RAY_ORIGIN = np.array([0.0, 0.0, -0.02])
 """Every ray of the skin starts here, on the neck's axis inside the head."""
@@ -259,6 +265,51 @@ def _eyes(d: np.ndarray, m: np.ndarray, g: dict[str, float]) -> np.ndarray:
     d = _smax(d, -socket, 0.004)
     radius = lid_radius(eye_opening(rel[..., 0], rel[..., 1], g), g["eye_r"])
     return _smin(d, np.linalg.norm(rel, axis=-1) - radius, 0.005)
+
+
+def eye_follow_weight(points: np.ndarray, params: dict[str, float]) -> np.ndarray:
+    """Share (N,) of a skin point's motion that follows its eye: 1 on the lids, 0 past EYE_FOLLOW.
+
+    Args:
+      points: skin points (N, 3).
+      params: sculpt parameters (eye centre and radius).
+    """
+    centre = np.array([params["eye_x"], params["eye_y"], params["eye_z"]])
+    distance = np.linalg.norm(_mirror(points) - centre, axis=-1) - params["eye_r"]
+    return 1.0 - smoothstep(EYE_FOLLOW[0], EYE_FOLLOW[1], distance)
+
+
+def eye_skin_motion(
+    points: np.ndarray, params: dict[str, float], delta: dict[str, float]
+) -> np.ndarray:
+    """First-order motion (N, 3) of skin points over an eye when the parameters move by `delta`.
+
+    Everything about an eye (socket, lids, opening) is laid out relative to its
+    centre, so the skin there moves with it: each point keeps its direction from
+    its eye centre (the one on its side of the face), follows the centre's
+    translation, and changes its distance from it as the lid's radius in that
+    direction changes (`lid_radius`: the opening's size and place). A linear
+    combination of such motions keeps the lids where they belong on the eyeball,
+    which motion along fixed rays cannot (it misses sideways moves of the eye).
+
+    Args:
+      points: skin points (N, 3) near an eye.
+      params: sculpt parameters at which to differentiate.
+      delta: parameter changes (a subset of the names in `params`).
+
+    Returns:
+      Displacements (N, 3) (central differences).
+    """
+    rel = _mirror(points) - np.array([params["eye_x"], params["eye_y"], params["eye_z"]])
+    direction = rel / np.maximum(np.linalg.norm(rel, axis=-1, keepdims=True), 1e-12)
+    motion = np.zeros_like(rel)
+    for sign in (1.0, -1.0):
+        moved = {k: v + sign * delta.get(k, 0.0) for k, v in params.items()}
+        centre = np.array([moved["eye_x"], moved["eye_y"], moved["eye_z"]])
+        radius = lid_radius(eye_opening(rel[:, 0], rel[:, 1], moved), moved["eye_r"])
+        motion += 0.5 * sign * (centre + radius[:, None] * direction)
+    motion[:, 0] *= np.where(points[:, 0] < 0.0, -1.0, 1.0)
+    return motion
 
 
 def project_rays(
