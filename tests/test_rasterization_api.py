@@ -25,6 +25,9 @@ from uika_jax.render.rasterize import OVERFLOW_WARNING
 
 KEYS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks")
 W, H = 40, 30
+# Renders that should agree to rounding (batched vs single scenes, jit vs eager, masked
+# Gaussians vs absent ones, per-camera colours, shard_map): measured identical on CPU.
+SAME = 1e-7
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,8 @@ def test_batch_dims_match_single_scenes_vmap_and_grad(scene):
     rb, ab, mb = rasterization(*stacked, W, H)
     r_other, _, m_other = rasterization(*other, W, H)
     assert rb.shape == (2, 2, H, W, 3) and mb["radii"].shape == (2, 2, 120, 2)
-    np.testing.assert_allclose(rb[0], r0, atol=1e-6)
-    np.testing.assert_allclose(rb[1], r_other, atol=1e-6)
+    np.testing.assert_allclose(rb[0], r0, atol=SAME)
+    np.testing.assert_allclose(rb[1], r_other, atol=SAME)
     assert list(np.asarray(mb["n_isects"])) == [int(m0["n_isects"]), int(m_other["n_isects"])]
 
     def loss(means, colors, *rest):
@@ -56,8 +59,8 @@ def test_batch_dims_match_single_scenes_vmap_and_grad(scene):
     (_, (rv, av)), g = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         *(stacked[i] for i in order)
     )
-    np.testing.assert_allclose(rv, rb, atol=1e-6)
-    np.testing.assert_allclose(av, ab, atol=1e-6)
+    np.testing.assert_allclose(rv, rb, atol=SAME)
+    np.testing.assert_allclose(av, ab, atol=SAME)
     assert np.isfinite(np.asarray(g[0])).all() and float(jnp.abs(g[1]).sum()) > 0
 
 
@@ -67,7 +70,7 @@ def test_per_camera_colors_and_features(scene):
     r, _, _ = rasterization(*args[:4], feats, *args[5:], W, H)
     assert r.shape == (2, H, W, 7)
     r_cam0, _, _ = rasterization(*args[:4], feats[0], *args[5:], W, H)
-    np.testing.assert_allclose(r[0], r_cam0[0], atol=1e-6)
+    np.testing.assert_allclose(r[0], r_cam0[0], atol=SAME)
 
 
 def test_zero_scale_is_an_eps2d_point():
@@ -77,8 +80,9 @@ def test_zero_scale_is_an_eps2d_point():
         jnp.ones((1, 3)), jnp.eye(4)[None], jnp.array([[[50.0, 0, 20], [0, 50, 15], [0, 0, 1]]]),
         W, H,
     )  # fmt: skip
-    # Mean at (20, 15): pixel (14, 19) centre is 0.5 px off in x and y; cov = 0.3 I.
-    assert np.allclose(float(a[0, 14, 19, 0]), 0.8 * np.exp(-0.5 * 0.5 / 0.3), atol=1e-6)
+    # Mean at (20, 15): pixel (14, 19) centre is 0.5 px off in x and y; cov = 0.3 I
+    # (measured 2.5e-8 off).
+    assert np.allclose(float(a[0, 14, 19, 0]), 0.8 * np.exp(-0.5 * 0.5 / 0.3), rtol=0, atol=2e-7)
     assert tuple(np.asarray(meta["radii"])[0, 0]) == (2, 2)
 
 
@@ -117,13 +121,13 @@ def test_invalid_gaussians_are_masked_under_jit(scene):
     clean_ops = args[3].at[3].set(0.0).at[4].set(0.0).at[5].set(0.0)
     ref, _, _ = fn(*args[:3], clean_ops, *args[4:])
     eager, _, _ = rasterization(*args[:3], clean_ops, *args[4:], W, H)
-    np.testing.assert_allclose(ref, eager, atol=1e-6)  # jit == eager
+    np.testing.assert_allclose(ref, eager, atol=SAME)  # jit == eager
     means = args[0].at[3].set(jnp.nan)
     scales = args[2].at[4, 0].set(-1.0)
     quats = args[1].at[5].set(0.0)
     r, _, meta = fn(means, quats, scales, args[3], *args[4:])
     assert int(meta["n_invalid_gaussians"]) == 3 and int(meta["n_invalid_cameras"]) == 0
-    np.testing.assert_allclose(r, ref, atol=1e-6)
+    np.testing.assert_allclose(r, ref, atol=SAME)
     assert (np.asarray(meta["radii"])[:, 3:6] == 0).all()
 
     def loss(means, quats, scales):
@@ -158,7 +162,7 @@ def test_overflow_is_counted_warned_and_strict_raises(scene, caplog):
     (_, _, meta), logged = _overflow_logged(
         caplog, lambda: rasterization(*args, W, H, config=small)
     )
-    assert len(logged) == 1 and f"{total - total // 2} intersections beyond" in logged[0]
+    assert len(logged) == 1 and f"{total - total // 2} intersections beyond capacity" in logged[0]
     assert int(meta["n_isects"]) == total and int(meta["isects_dropped"]) == total - total // 2
     assert int(meta["tiles_overflow"]) > 0 and int(meta["pixels_overflow"]) > 0
     assert bool(meta["overflow"])
@@ -221,7 +225,7 @@ def test_concrete_inputs_size_their_own_capacity():
     render, _, meta = rasterization(*args, size, size)
     total = int(meta["n_isects"])
     assert total >= n and meta["isect_capacity"] >= total
-    assert meta["isect_capacity"] <= 1.25 * total  # a few sizes an octave, not the bound
+    assert meta["isect_capacity"] <= 1.3 * total  # a few sizes an octave, not the bound
     assert not bool(meta["overflow"])
     explicit = RasterConfig(capacity=total)
     ref, _, ref_meta = rasterization(*args, size, size, config=explicit)
@@ -277,7 +281,7 @@ def test_shard_map_under_mesh_has_no_all_gather(scene):
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
         assert op not in hlo and op not in grad_hlo, op
     single, _, _ = rasterization(*_args(scene), W, H, config=cfg)
-    np.testing.assert_allclose(np.asarray(r)[5], single, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(r)[5], single, atol=1e-6)  # measured 1.2e-7
     # A 2D mesh and a batch of 4: sharded over "data" only, replicated over "model".
     mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with jax.set_mesh(mesh2):
@@ -293,17 +297,18 @@ def test_depth_modes_and_tile_size(scene):
     rgbd, alpha, meta = rasterization(*args, W, H, render_mode="RGB+D")
     ed, _, _ = rasterization(*args, W, H, render_mode="ED")
     rgb, _, _ = rasterization(*args, W, H)
-    np.testing.assert_allclose(rgbd[..., :3], rgb, atol=1e-6)
+    np.testing.assert_allclose(rgbd[..., :3], rgb, atol=SAME)
     d = rgbd[..., 3:]
-    np.testing.assert_allclose(ed, d / np.maximum(alpha, 1e-10), rtol=1e-5, atol=1e-5)
+    # Measured 2.4e-7 relative (one division apart).
+    np.testing.assert_allclose(ed, d / np.maximum(alpha, 1e-10), rtol=2e-6, atol=1e-7)
     vis = np.asarray(meta["radii"])[..., 0] > 0
     depths = np.asarray(meta["depths"])
     covered = np.asarray(alpha)[..., 0] > 0.5
     e = np.asarray(ed)[..., 0][covered]
-    assert e.min() >= depths[vis].min() - 1e-4 and e.max() <= depths[vis].max() + 1e-4
+    assert e.min() >= depths[vis].min() - 1e-5 and e.max() <= depths[vis].max() + 1e-5
     # Smaller tiles visit a subset of the same (skipped) Gaussians per pixel: same image.
     r8, _, m8 = rasterization(*args, W, H, tile_size=8)
-    np.testing.assert_allclose(r8, rgb, atol=2e-6)
+    np.testing.assert_allclose(r8, rgb, atol=1e-6)  # measured 1.2e-7
     assert m8["tile_width"] == 5 and m8["tile_height"] == 4
 
 

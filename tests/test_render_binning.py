@@ -8,6 +8,7 @@ from conftest import require_oracle
 from render_oracle import gsplat_project, random_scene
 
 from uika_jax.render import binning
+from uika_kernels.tiles import tile_grid
 
 _bin = jax.jit(binning.bin_gaussians, static_argnums=(3, 4), static_argnames=("capacity",))
 
@@ -18,7 +19,7 @@ def _gsplat_bins(scene, tile_size=16):
     torch = require_oracle("torch")
     ti = require_oracle("gsplat.cuda._torch_impl")
     radii, means2d, depths, _ = gsplat_project(torch, ti, scene)
-    tw, th = binning.tile_grid(scene["width"], scene["height"], tile_size)
+    tw, th = tile_grid(scene["width"], scene["height"], tile_size)
     tiles_per_gauss, isect_ids, flatten_ids = ti._isect_tiles(
         means2d, radii, depths, tile_size, tw, th
     )

@@ -64,6 +64,13 @@ def get_backend(name: str) -> Callable:
     return _BACKENDS[name]
 
 
+def resolve(name: str) -> str:
+    """`name`, or for "auto" the reference where no platform's kernel is verified yet."""
+    if name == "auto" and set(auto_choices().values()) == {"reference"}:
+        return "reference"
+    return name
+
+
 def auto_choices(verified: frozenset[str] | None = None) -> dict[str, str]:
     """The backend "auto" runs on each GPU/TPU platform (the reference on any other)."""
     verified = VERIFIED_PALLAS_PLATFORMS if verified is None else verified
@@ -77,12 +84,9 @@ def _auto(means2d, conics, opacities, colors, flat_ids, tile_start, tile_count, 
           **kwargs):  # fmt: skip
     """The "auto" backend: `auto_choices()` per lowering platform, the reference elsewhere."""
     arrays = (means2d, conics, opacities, colors, flat_ids, tile_start, tile_count)
-    choices = auto_choices()
-    if set(choices.values()) == {"reference"}:
-        return composite.composite(*arrays, width, height, **kwargs)
     branches = {
         platform: functools.partial(get_backend(name), width=width, height=height, **kwargs)
-        for platform, name in choices.items()
+        for platform, name in auto_choices().items()
     }
     default = functools.partial(composite.composite, width=width, height=height, **kwargs)
     return jax.lax.platform_dependent(*arrays, default=default, **branches)

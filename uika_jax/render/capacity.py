@@ -22,6 +22,7 @@ import numpy as np
 
 from uika_jax.render import binning, projection
 from uika_jax.render.config import MAX_CAPACITY, RasterConfig
+from uika_kernels.tiles import tile_grid
 
 MIN_CAPACITY = 1024
 _STEPS_PER_OCTAVE_LOG2 = 2  # capacities 1, 1.25, 1.5, 1.75 x 2^k: at most 25% unused
@@ -54,7 +55,7 @@ def _count_scene(means, quats, scales, opacities, viewmats, Ks, *, width, height
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d,
         radius_rule=radius_rule, valid=cam_ok[:, None] & gauss_ok[None, :],
     )  # fmt: skip
-    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
     lo, hi = binning.tile_rects(proj.means2d, proj.radii, tile_size, tiles_x, tiles_y)
     span = hi - lo
     total = binning.saturating_cumsum((span[..., 0] * span[..., 1]).reshape(-1))[-1]

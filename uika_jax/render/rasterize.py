@@ -54,7 +54,7 @@ import numpy as np
 
 from uika_jax.render import backends, binning, capacity, projection
 from uika_jax.render.config import RasterConfig, RasterOverflowError
-from uika_kernels.tiles import tiles_to_image
+from uika_kernels.tiles import tile_grid, tiles_to_image
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 # capacity=None: below this exact bound C * N * n_tiles, the bound itself (no counting pass).
@@ -98,7 +98,7 @@ def _rasterize_scene(means, quats, scales, opacities, colors, viewmats, Ks, back
     """One scene: (N, ...) Gaussians, (C, ...) cameras. Returns (colors, alphas, meta arrays)."""
     width, height, near_plane, far_plane, eps2d, tile_size, render_mode, config = static
     c, n = viewmats.shape[0], means.shape[0]
-    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
     n_tiles = tiles_x * tiles_y
 
     colors, viewmats, Ks, gauss_ok, cam_ok = projection.sanitize(
@@ -252,10 +252,10 @@ def overflow_message(meta: dict) -> str | None:
     if dropped == 0 and tiles == 0:
         return None
     return (
-        f"rasterizer overflow: {dropped} intersections beyond capacity (true total "
-        f"{int(np.max(meta['n_isects']))}; the farthest were dropped), {tiles} tiles over "
-        f"capacity or tile_cap, {int(np.max(meta['pixels_overflow']))} pixels affected; raise "
-        f"RasterConfig.capacity / tile_cap (see calibrate_capacity())"
+        f"rasterizer overflow: {dropped} intersections beyond capacity dropped (true total "
+        f"{int(np.max(meta['n_isects']))}), {tiles} tiles over capacity or tile_cap (the "
+        f"farthest intersections are the ones dropped), {int(np.max(meta['pixels_overflow']))}"
+        f" pixels affected; raise RasterConfig.capacity / tile_cap (see calibrate_capacity())"
     )
 
 
@@ -303,7 +303,7 @@ def _capacity(config, arrays, concrete, c, n, static) -> int:
     if config.capacity is not None:
         return int(config.capacity)
     width, height, near_plane, far_plane, eps2d, tile_size = static
-    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
     bound = c * n * tiles_x * tiles_y
     if bound <= SMALL_BOUND:
         return max(bound, 1)
@@ -314,7 +314,10 @@ def _capacity(config, arrays, concrete, c, n, static) -> int:
             near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, tile_size=tile_size,
             radius_rule=config.radius_rule,
         )  # fmt: skip
-        return min(capacity.round_capacity(int(np.max(total))), bound)
+        # A 1% margin: the render's own projection is another XLA program, whose rounding
+        # may move a radius across a tile edge here and there.
+        total = int(np.max(total))
+        return min(capacity.round_capacity(total + total // 100 + 1), bound)
     if bound <= TRACED_BOUND_LIMIT:
         return bound
     raise ValueError(
@@ -457,8 +460,11 @@ def rasterization(
         backgrounds = jnp.broadcast_to(backgrounds, (*batch, c, colors.shape[-1])).astype(dtype)
     geometry = (width, height, float(near_plane), float(far_plane), float(eps2d), tile_size)
     slots = _capacity(config, arrays, concrete, c, n, geometry)
-    # `strict` only matters out here: keep it out of the jit cache key.
-    core_config = dataclasses.replace(config, capacity=slots, strict=False)
+    # `strict` only matters out here: keep it out of the jit cache key; "auto" resolved
+    # here shares the reference's cache entries while no platform's kernel is verified.
+    core_config = dataclasses.replace(
+        config, backend=backends.resolve(config.backend), capacity=slots, strict=False
+    )
     try:
         render, alphas, meta = _rasterize_batched(
             *arrays, backgrounds, (*geometry, render_mode, core_config)
@@ -474,7 +480,7 @@ def rasterization(
         ) from e
     if config.strict and message is not None:
         raise RasterOverflowError(message)
-    tiles_x, tiles_y = binning.tile_grid(width, height, tile_size)
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
     meta.update(
         isect_capacity=slots, tile_cap=config.tile_cap, width=width, height=height,
         tile_size=tile_size, tile_width=tiles_x, tile_height=tiles_y, n_cameras=c,
