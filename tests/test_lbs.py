@@ -87,6 +87,7 @@ def test_gradients_match_finite_differences_including_zero_pose():
         shape, expression = jnp.asarray(rng.normal(size=6)), jnp.asarray(rng.normal(size=4))
         translation = jnp.asarray(rng.normal(size=3))
 
+        @jax.jit
         def f(shape, expression, pose, translation):
             vertices, joints = flame_forward(model, shape, expression, pose, translation)
             return jnp.sum(jnp.sin(3.0 * vertices)) + jnp.sum(joints**2)
