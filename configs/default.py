@@ -34,12 +34,17 @@ ABLATIONS = ("no_uv_attention", "no_aggregation", "no_color_fusion")
 
 
 def apply_ablation(config: ml_collections.ConfigDict, arg: str | None) -> None:
-    """Turns off the switch named by `arg` (one of `ABLATIONS`; None or "" changes nothing)."""
+    """Turns off the switch named by `arg` (one of `ABLATIONS`; None or "" changes nothing).
+
+    The config's name becomes `name:arg` (e.g. "default:no_uv_attention"), as the
+    command line spells it.
+    """
     if not arg:
         return
     if arg not in ABLATIONS:
         raise ValueError(f"unknown config argument {arg!r}; known: {ABLATIONS}")
     setattr(config.model, arg.removeprefix("no_"), False)
+    config.name = f"{config.name}:{arg}"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -92,7 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.mlp_ratio = 4  # assumed
     t.mode = "joint"
     t.taps = None  # None: the last block of each quarter (3, 6, 9, 12)
-    t.remat = "dots_with_no_batch_dims_saveable"  # assumed: per-block remat, keep weight matmuls
+    # assumed: per-block remat keeping the weight matmuls (uika_jax.models.transformer
+    # REMAT_POLICIES: none, nothing_saveable, dots_saveable, ..., everything_saveable)
+    t.remat = "dots_with_no_batch_dims_saveable"
     t.scan = True
     t.attention = ml_collections.ConfigDict()
     # Portable exact flash-style attention; "splash" on TPU, "cudnn" on NVIDIA GPUs.

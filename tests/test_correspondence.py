@@ -17,7 +17,6 @@ from uika_jax.models.correspondence import (
     CorrespondenceLossWeights,
     CorrespondenceOutput,
     correspondence_loss,
-    default_taps,
     flip_averaged,
 )
 from uika_jax.models.dpt import DPTConfig
@@ -96,13 +95,6 @@ def test_synthetic_uv_layout_mirror_axis(renders):
     assert np.quantile(err_u, 0.99) < 2e-2
 
 
-def test_default_taps():
-    assert default_taps(12) == (2, 5, 8, 11)
-    assert default_taps(24) == (5, 11, 17, 23)
-    assert default_taps(4) == (0, 1, 2, 3)
-    assert default_taps(2) == (0, 0, 1, 1)
-
-
 def test_output_shapes_and_ranges(model):
     images = jax.random.uniform(jax.random.key(0), (2, 3, SIZE, SIZE, 3))
     out, flat = nnx.jit(lambda m, x: (m(x), m(x.reshape(6, SIZE, SIZE, 3))))(model, images)
@@ -114,6 +106,27 @@ def test_output_shapes_and_ranges(model):
     np.testing.assert_allclose(out.face_prob, jax.nn.sigmoid(out.face_logit), atol=1e-7)
     # leading dims are only flattened: the (2, 3) batch equals the flat batch of 6
     np.testing.assert_allclose(out.uv.reshape(6, SIZE, SIZE, 2), flat.uv, atol=1e-6)
+
+
+def test_view_mask_and_shared_backbone_pass(model):
+    """Padded views are black images; a shared ViT pass with more taps gives the same output."""
+    images = jax.random.uniform(jax.random.key(2), (2, 2, SIZE, SIZE, 3))
+    images = images.at[1, 0].set(jnp.nan)  # a padded view may hold anything
+    view_mask = jnp.array([[True, True], [False, True]])
+
+    @nnx.jit
+    def run(m, images, view_mask):
+        shared = m.backbone(images, view_mask, extra_layers=(0, -1))
+        black = jnp.where(view_mask[..., None, None, None], images, 0.0)
+        return m(images, view_mask), m(images, view_mask, backbone=shared), m(black)
+
+    own, given, black = run(model, images, view_mask)
+    for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(given), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(black), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ValueError, match="view_mask shape"):
+        jax.eval_shape(lambda x: model(x, view_mask[0]), images)
 
 
 @pytest.mark.parametrize("readout", ["add", "project"])

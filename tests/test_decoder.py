@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,9 @@ import pytest
 from flax import nnx
 
 from uika_jax.head.anchors import Anchors, make_anchors
-from uika_jax.head.io import load_head_model
 from uika_jax.models.decoder import UVDecoder, UVDecoderConfig
 from uika_jax.models.gaussians import GaussianHead, GaussianHeadConfig, offset_regularizer
+from uika_jax.synthetic.head import synthetic_head_model
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 """XLA CPU compile options for tests: a fraction of the default compile time, same maths."""
@@ -34,7 +35,7 @@ TINY = UVDecoderConfig(
 
 @functools.cache
 def _anchors() -> Anchors:
-    return make_anchors(load_head_model(), MAP, K)
+    return make_anchors(synthetic_head_model(), MAP, K)
 
 
 def _decoder(seed: int = 0, head_scale: float = 1.0, **changes) -> UVDecoder:
@@ -42,14 +43,16 @@ def _decoder(seed: int = 0, head_scale: float = 1.0, **changes) -> UVDecoder:
 
     The noise replaces the zero-initialised attribute kernels as well: at init those pass
     no gradient to the trunk, so gradient reachability is tested on perturbed weights.
+    Each weight's noise is seeded by its path, so it does not depend on the module layout.
     """
     config = dataclasses.replace(TINY, **changes)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: UVDecoder(config, nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
 
     def fill(path, x):
+        name = jax.tree_util.keystr(path)
+        rng = np.random.default_rng((seed, zlib.crc32(name.encode())))
         std = 1.0 / math.sqrt(math.prod(x.shape[:-1])) if x.ndim > 1 else 0.1  # ~ fan-in
-        std *= head_scale if "'head'" in jax.tree_util.keystr(path) else 1.0
+        std *= head_scale if "'head'" in name else 1.0
         return jnp.asarray(rng.normal(scale=std, size=x.shape).astype(np.float32))
 
     model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))

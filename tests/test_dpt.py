@@ -175,9 +175,21 @@ def test_generic_levels_and_widths():
     config = DPTConfig(in_dim=(12, 20), neck_channels=(6, 10), factors=(2, 1), features=8)
     small = _random_filled(lambda: DPT(config, rngs=nnx.Rngs(0)))
     maps = [jnp.ones((2, 3, 4, 12)), jnp.ones((2, 3, 4, 20))]
-    fused, out = nnx.jit(lambda m, x: (m.neck(x), m(x)))(small, maps)
+    fused, out, sized, doubled = nnx.jit(
+        lambda m, x: (
+            m.neck(x),
+            m(x),
+            m.neck(x, output_size=(5, 7)),
+            m.neck(x, output_size=(12, 16)),
+        )
+    )(small, maps)
     assert [f.shape for f in fused] == [(2, 6, 8, 8), (2, 12, 16, 8)]
     assert out.shape == (2, 24, 32, 1)
+    # output_size sizes the last fused map only; twice the shallowest level is the default
+    assert [f.shape for f in sized] == [(2, 6, 8, 8), (2, 5, 7, 8)]
+    np.testing.assert_array_equal(sized[0], fused[0])
+    for a, b in zip(doubled, fused, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_logical_axis_names(model):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.fusion import DualEncoder, FusionConfig
-from uika_jax.models.vit import ViT, ViTConfig
+from uika_jax.models.vit import ViT, ViTConfig, vit_input
 
 VIT = ViTConfig(
     family="dinov3",
@@ -47,8 +47,12 @@ def _inputs(seed, b, n, uv_side=UV_IN):
     return images, uv_maps
 
 
+def _stream_loss(screen, uv):
+    return jnp.sum(screen**2) + jnp.sum(uv * jnp.sin(uv))
+
+
 def _loss(out):
-    return jnp.sum(out.f_s**2) + jnp.sum(out.f_uv * jnp.sin(out.f_uv))
+    return _stream_loss(out.screen, out.uv)
 
 
 def test_default_taps_and_config_errors():
@@ -93,15 +97,12 @@ def test_shapes_and_view_masks(encoder, n):
     )
     p, p_uv = (IMAGE // 16) ** 2, (UV // 16) ** 2
     assert out.screen.shape == (2, n, p, 24) and out.uv.shape == (2, n, p_uv, 24)
-    assert out.f_s.shape == (2, n * p, 24) and out.f_uv.shape == (2, n * p_uv, 24)
-    assert out.screen_mask.shape == (2, n * p) and out.uv_mask.shape == (2, n * p_uv)
-    np.testing.assert_array_equal(out.screen_mask, np.repeat(view_mask, p, axis=1))
-    np.testing.assert_array_equal(out.uv_mask, np.repeat(view_mask, p_uv, axis=1))
-    for tokens, mask in ((out.f_s, out.screen_mask), (out.f_uv, out.uv_mask)):
-        assert np.all(np.asarray(tokens)[~np.asarray(mask)] == 0.0)
-        assert np.all(np.abs(np.asarray(tokens)[np.asarray(mask)]).sum(-1) > 0)
-    assert out.f_s.dtype == out.f_uv.dtype == jnp.float32
-    assert same.f_uv.shape == out.f_uv.shape
+    for tokens in (out.screen, out.uv):
+        tokens = np.asarray(tokens)
+        assert np.all(tokens[~view_mask] == 0.0)
+        assert np.all(np.abs(tokens[view_mask]).sum(-1) > 0)
+    assert out.screen.dtype == out.uv.dtype == jnp.float32
+    assert same.uv.shape == out.uv.shape
 
 
 def test_padded_views_change_no_valid_token(encoder):
@@ -112,8 +113,8 @@ def test_padded_views_change_no_valid_token(encoder):
     garbage = jnp.where(~view_mask[:, :, None, None, None], jnp.nan, images)
     uv_garbage = jnp.where(~view_mask[:, :, None, None, None], 5.0, uv_maps)
     other = fn(encoder, garbage, uv_garbage, view_mask)
-    np.testing.assert_array_equal(np.asarray(out.f_s), np.asarray(other.f_s))
-    np.testing.assert_array_equal(np.asarray(out.f_uv), np.asarray(other.f_uv))
+    np.testing.assert_array_equal(np.asarray(out.screen), np.asarray(other.screen))
+    np.testing.assert_array_equal(np.asarray(out.uv), np.asarray(other.uv))
     # changing a valid view changes its own tokens only
     moved = fn(encoder, images.at[0, 2].multiply(0.5), uv_maps, view_mask)
     diff = np.abs(np.asarray(moved.screen - out.screen)).max(axis=(2, 3))
@@ -155,25 +156,34 @@ def _op_counts(text: str) -> dict[str, int]:
 
 
 def _hlo_counts(model):
-    """StableHLO op counts of: the jitted gradient, the gradient of `fuse` alone, `backbone`."""
-    images, uv_maps = _inputs(3, 1, 2)
+    """StableHLO op counts of: the jitted gradient, the gradient of the CNNs alone, the ViT."""
+    images, uv_maps = _inputs(3, 1, 2, uv_side=UV)  # at the ViT side: no resize
     view_mask = jnp.array([[True, False]])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # The encoder's ViT inputs: 2 views of each stream.
+    screen_pixels = jnp.zeros((2, IMAGE, IMAGE, 3))
+    uv_pixels = jnp.zeros((2, UV, UV, 3))
 
     def full_loss(params, rest, images, uv_maps):
         return _loss(nnx.merge(graphdef, params, rest)(images, uv_maps, view_mask))
 
-    def backbone(params, rest, images, uv_maps):
-        return nnx.merge(graphdef, params, rest).backbone(images, uv_maps, view_mask)
+    def vit_forward(params, rest, screen_pixels, uv_pixels):
+        m = nnx.merge(graphdef, params, rest)
+        return m.vit(screen_pixels, layers=m.layers), m.vit(uv_pixels, layers=m.layers)
 
-    def fuse_loss(params, rest, features):
-        return _loss(nnx.merge(graphdef, params, rest).fuse(features))
+    def cnn_loss(params, rest, screen_pixels, uv_pixels, screen_vit, uv_vit):
+        m = nnx.merge(graphdef, params, rest)
+        return _stream_loss(
+            m.screen_cnn(screen_vit.features, screen_pixels),
+            m.uv_cnn(uv_vit.features, uv_pixels),
+        )
 
-    features = jax.eval_shape(backbone, params, rest, images, uv_maps)
+    pixels = (screen_pixels, uv_pixels)
+    maps = jax.eval_shape(vit_forward, params, rest, *pixels)
     full = jax.jit(jax.grad(full_loss)).lower(params, rest, images, uv_maps).as_text()
-    fuse = jax.jit(jax.grad(fuse_loss)).lower(params, rest, features).as_text()
-    vit = jax.jit(backbone).lower(params, rest, images, uv_maps).as_text()
-    return _op_counts(full), _op_counts(fuse), _op_counts(vit)
+    cnns = jax.jit(jax.grad(cnn_loss)).lower(params, rest, *pixels, *maps).as_text()
+    vit = jax.jit(vit_forward).lower(params, rest, *pixels).as_text()
+    return _op_counts(full), _op_counts(cnns), _op_counts(vit)
 
 
 def test_gradient_hlo_has_no_vit_backward():
@@ -182,20 +192,20 @@ def test_gradient_hlo_has_no_vit_backward():
     The check: in the lowered (pre-optimisation, so nothing is dead-code
     eliminated yet) StableHLO of `jax.jit(jax.grad(loss))`, the matrix products
     and convolutions must be exactly those of the gradient of the fusion CNNs
-    alone (a model whose ViT is absent: `fuse` on the ViT features given as
-    inputs) plus those of one ViT forward per stream (`backbone`). Any ViT
+    alone (on the ViT features given as inputs) plus those of one ViT forward
+    per stream. Any ViT
     backward (weight or input gradient) adds about two products per forward
     product; the same model with `train_backbone=True` shows that the check sees
     it. The gradient pytree holds only the fusion CNNs' `nnx.Param`s.
     """
-    full, fuse, vit = _hlo_counts(_encoder())
-    assert vit["dot_general"] > 0 and fuse["convolution"] > 0
+    full, cnns, vit = _hlo_counts(_encoder())
+    assert vit["dot_general"] > 0 and cnns["convolution"] > 0
     for op in full:
-        assert full[op] == fuse[op] + vit[op], (op, full, fuse, vit)
-    trainable_full, trainable_fuse, trainable_vit = _hlo_counts(_encoder(train_backbone=True))
+        assert full[op] == cnns[op] + vit[op], (op, full, cnns, vit)
+    trainable_full, trainable_cnns, trainable_vit = _hlo_counts(_encoder(train_backbone=True))
     assert (
         trainable_full["dot_general"]
-        > trainable_fuse["dot_general"] + 2 * trainable_vit["dot_general"]
+        > trainable_cnns["dot_general"] + 2 * trainable_vit["dot_general"]
     )
     grads = nnx.jit(nnx.grad(lambda m: _loss(m(*_inputs(0, 1, 1)))))(_encoder())
     assert {str(p[0]) for p, _ in nnx.to_flat_state(grads)} == {"screen_cnn", "uv_cnn"}
@@ -213,3 +223,23 @@ def test_shape_errors(encoder):
         encoder(images, uv_maps[:, :, :32])
     with pytest.raises(ValueError, match="view_mask"):
         encoder(images, uv_maps, jnp.ones((1, 3), bool))
+
+
+def test_shared_screen_pass_and_no_uv_stream(encoder):
+    """A given screen ViT pass replaces the encoder's own; without UV maps no UV stream runs."""
+    images, uv_maps = _inputs(5, 2, 2)
+    view_mask = jnp.array([[True, False], [True, True]])
+    pixels = vit_input(images, view_mask, frozen=True).reshape(4, IMAGE, IMAGE, 3)
+
+    @nnx.jit
+    def run(m, images, uv_maps, view_mask, pixels):
+        shared = m.vit(pixels, layers=(1, 0, 1))  # more taps, any order
+        return m(images, uv_maps, view_mask), m(images, None, view_mask, screen_backbone=shared)
+
+    own, given = run(encoder, images, uv_maps, view_mask, pixels)
+    np.testing.assert_array_equal(np.asarray(given.screen), np.asarray(own.screen))
+    assert given.uv is None
+    # a pass that lacks a tapped layer is refused
+    partial = jax.eval_shape(lambda p: encoder.vit(p, layers=(0,)), pixels)
+    with pytest.raises(ValueError, match="not tapped"):
+        jax.eval_shape(lambda x: encoder(x, None, view_mask, screen_backbone=partial), images)

@@ -62,11 +62,14 @@ def test_summary_cli_prints_modules_and_row(capsys):
     vit = dict((m, f) for m, _, f in paper.modules)
     assert paper.frozen == vit["correspondence/vit"] > 0
     assert "encoder/vit" not in vit
+    # An ablation's row carries its name.
+    main(["--config", f"{ROOT / 'configs/tiny.py'}:no_uv_attention"])
+    assert "| tiny:no_uv_attention | " in capsys.readouterr().out
 
 
 def test_load_config(tmp_path):
     config = load_config(f"{ROOT / 'configs/tiny.py'}:no_aggregation")
-    assert config.name == "tiny" and not config.model.aggregation
+    assert config.name == "tiny:no_aggregation" and not config.model.aggregation
     assert config.model.uv_attention and config.model.color_fusion
     assert load_config(ROOT / "configs/default.py").model.transformer.depth == 12
     with pytest.raises(ValueError, match="unknown config argument"):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from uika_jax.models.attention import AttentionConfig
 from uika_jax.models.frozen import FrozenParam
-from uika_jax.models.transformer import UVTransformer
+from uika_jax.models.transformer import UVTransformer, UVTransformerConfig
 
 D, HEADS, LZ, N, P, PUV = 32, 4, 16, 3, 6, 5
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -36,9 +36,10 @@ def _model(**kw) -> UVTransformer:
 
     Built abstractly and filled from NumPy: no JAX compilation per weight shape.
     """
-    kw = {"depth": 2, "taps": (1, 2), **kw}
-    build = lambda: UVTransformer(dim=D, num_heads=HEADS, num_tokens=LZ, rngs=nnx.Rngs(0), **kw)  # noqa: E731
-    return random_params(nnx.eval_shape(build), 5)
+    config = UVTransformerConfig(
+        **{"dim": D, "num_heads": HEADS, "num_tokens": LZ, "depth": 2, "taps": (1, 2), **kw}
+    )
+    return random_params(nnx.eval_shape(lambda: UVTransformer(config, rngs=nnx.Rngs(0))), 5)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
@@ -145,7 +146,7 @@ def test_remat_gives_identical_outputs_and_gradients():
 
 def test_bf16_compute_is_close():
     inputs = _inputs()
-    model = _model(dtype=jnp.bfloat16)
+    model = _model(dtype="bfloat16")
     nnx.update(model, nnx.state(_model(), nnx.Param))
     out, ref = _forward(model, *inputs), _forward(_model(), *inputs)
     for a, b in zip(out, ref, strict=True):
@@ -175,7 +176,7 @@ def test_scan_equals_python_loop():
     ids=["chunked", "splash"],
 )
 def test_attention_backends_agree(config):
-    model = _model(attention_config=config)
+    model = _model(attention=config)
     nnx.update(model, nnx.state(_model(), nnx.Param))
     inputs = _inputs()
     for a, b in zip(_forward(model, *inputs), _forward(_model(), *inputs), strict=True):
@@ -183,15 +184,18 @@ def test_attention_backends_agree(config):
 
 
 def test_default_taps_and_bad_arguments():
-    model = nnx.eval_shape(
-        lambda: UVTransformer(dim=D, num_heads=HEADS, depth=12, num_tokens=4, rngs=nnx.Rngs(0))
-    )
-    assert model.taps == (3, 6, 9, 12)
-    kw = dict(dim=D, num_heads=HEADS, num_tokens=4, rngs=nnx.Rngs(0))
+    config = UVTransformerConfig(dim=D, num_heads=HEADS, depth=12, num_tokens=4)
+    model = nnx.eval_shape(lambda: UVTransformer(config, rngs=nnx.Rngs(0)))
+    assert model.taps == config.tap_depths == (3, 6, 9, 12)
+    assert UVTransformerConfig(depth=2).tap_depths == (1, 2)
     with pytest.raises(ValueError, match="taps"):
-        UVTransformer(depth=3, taps=(2, 4), **kw)
+        UVTransformerConfig(depth=3, taps=(2, 4))
     with pytest.raises(ValueError, match="remat"):
-        UVTransformer(depth=3, remat="some", **kw)
+        UVTransformerConfig(remat="full")  # one name per policy: "nothing_saveable"
+    with pytest.raises(ValueError, match="mode"):
+        UVTransformerConfig(mode="self")
+    with pytest.raises(ValueError, match="dtype"):
+        UVTransformerConfig(dtype="float16")
     f_s, view_mask, f_uv = _inputs()
     with pytest.raises(ValueError, match="f_s must be"):
         _model()(f_s[..., :-1], view_mask, f_uv)
@@ -201,10 +205,8 @@ def test_default_taps_and_bad_arguments():
 
 def test_paper_width_shapes_via_eval_shape():
     """D = 1024, 16 heads, 12 blocks, 96 x 96 tokens: traced only (jax.eval_shape), no compute."""
-    kw = dict(
-        dim=1024, num_heads=16, depth=12, num_tokens=96 * 96, dtype=jnp.bfloat16, remat="full"
-    )
-    abstract = nnx.eval_shape(lambda: UVTransformer(rngs=nnx.Rngs(0), **kw))
+    config = UVTransformerConfig(dtype="bfloat16", remat="nothing_saveable")  # paper sizes
+    abstract = nnx.eval_shape(lambda: UVTransformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     # Per full branch: Z and F sides each 4 D^2 (qkv, out) + 8 D^2 (mlp) + vectors.
@@ -229,10 +231,7 @@ def test_paper_width_shapes_via_eval_shape():
 
 
 def test_frozen_param_type():
-    model = nnx.eval_shape(
-        lambda: UVTransformer(
-            dim=D, num_heads=HEADS, depth=2, num_tokens=4, param_type=FrozenParam, rngs=nnx.Rngs(0)
-        )
-    )
+    config = UVTransformerConfig(dim=D, num_heads=HEADS, depth=2, num_tokens=4)
+    model = nnx.eval_shape(lambda: UVTransformer(config, param_type=FrozenParam, rngs=nnx.Rngs(0)))
     assert not jax.tree.leaves(nnx.state(model, nnx.Param))
     assert len(jax.tree.leaves(nnx.state(model, FrozenParam))) > 0

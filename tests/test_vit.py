@@ -11,7 +11,7 @@ from hf_vit_oracle import CASES, final_norm, hf_config, hf_model, images, run_hf
 from uika_jax.convert.hf_vit import load_hf_vit, vit_config_from_hf
 from uika_jax.models import vit_layers
 from uika_jax.models.frozen import FrozenParam
-from uika_jax.models.vit import ViT, ViTConfig, normalize_imagenet
+from uika_jax.models.vit import ViT, ViTConfig, default_taps, normalize_imagenet, vit_input
 
 TOL = 1e-5
 pytestmark = pytest.mark.oracle
@@ -245,3 +245,38 @@ def test_normalize_imagenet():
     assert float(jnp.abs(normalize_imagenet(x)).max()) < 1e-6
     with pytest.raises(ValueError, match="RGB"):
         normalize_imagenet(jnp.ones((2, 4)))
+
+
+def test_default_taps():
+    assert default_taps(12) == (2, 5, 8, 11)
+    assert default_taps(24) == (5, 11, 17, 23)
+    assert default_taps(4) == (0, 1, 2, 3)
+    assert default_taps(2) == (0, 0, 1, 1)
+    with pytest.raises(ValueError, match="layer"):
+        default_taps(0)
+
+
+def test_taps_look_up_layers_of_one_pass():
+    """`ViTOutput.taps` returns each requested block's map, whatever the pass's tap order."""
+    model = _tiny()
+    x = jax.random.normal(jax.random.key(3), (1, 32, 32, 3))
+    out = model(x, layers=(-1, 0))
+    assert out.layers == (model.config.num_layers - 1, 0)
+    maps, cls = out.taps((0,))
+    np.testing.assert_array_equal(maps[0], model(x, layers=(0,)).features[0])
+    np.testing.assert_array_equal(cls[0], out.feature_cls[1])
+    with pytest.raises(ValueError, match="not tapped"):
+        model(x, layers=(1,)).taps((0,))
+
+
+def test_vit_input_zeroes_invalid_images_and_stops_gradients():
+    images = jnp.full((2, 1, 1, 3), jnp.nan).at[0].set(0.5)
+    valid = jnp.array([True, False])
+    pixels = np.asarray(vit_input(images, valid, frozen=True))
+    np.testing.assert_allclose(pixels[0], np.asarray(normalize_imagenet(images[0])))
+    np.testing.assert_allclose(pixels[1], np.asarray(normalize_imagenet(jnp.zeros((1, 1, 3)))))
+    for frozen in (True, False):
+        grad = jax.grad(lambda x: vit_input(x, valid, frozen=frozen).sum())(jnp.ones((2, 1, 1, 3)))  # noqa: B023
+        expected = 0.0 if frozen else 1.0 / np.array([0.229, 0.224, 0.225])
+        np.testing.assert_allclose(grad[0, 0, 0], expected, rtol=1e-6)
+        np.testing.assert_array_equal(grad[1], 0.0)  # an invalid image gets no gradient

@@ -1,8 +1,9 @@
 """Device mesh, logical axis rules and the shardings of model states and batches.
 
 The mesh has three axes, `MESH_AXES = ("data", "fsdp", "tensor")`, all
-`AxisType.Auto` (sharding propagation by XLA; DESIGN.md §3). Every weight carries
-logical axis names (`nnx.with_partitioning` metadata, `out_sharding`): embed, heads,
+`AxisType.Auto` (sharding propagation by XLA; set explicitly, as `jax.make_mesh`
+defaults to Explicit axes). Every weight carries logical axis names
+(`nnx.with_partitioning` metadata, `out_sharding`): embed, heads,
 mlp, patch, tokens, layers, readout, conv_in, conv_out, gaussian_attr, or None. A
 config's `sharding.rules` maps each name to a mesh axis (or None: replicated), e.g.
 

@@ -1,6 +1,6 @@
 """The assembled UIKA model: pose-free images -> canonical Gaussians -> driven -> rendered.
 
-One forward pass (`UIKA.reconstruct`), DESIGN.md §1:
+One forward pass (`UIKA.__call__`), each stage called through its own module:
 
     images (B, N, H, W, 3) in [0, 1], view_mask (B, N)       N <= num_views (padded)
       -> correspondence estimator (frozen ViT + DPT)  uv (B, N, H, W, 2), face_prob
@@ -16,20 +16,21 @@ through `uika_jax.render.rasterization`.
 
 Shared backbone (`share_backbone`, the default): the correspondence estimator and the
 dual encoder use ONE frozen ViT (the same NNX module, so its weights exist once in the
-state and in checkpoints), and the screen images go through it once, tapping the union
-of the blocks both consumers read; the UV maps go through it a second time. Padded
-views are zeroed before the ViT (their tokens never matter: reproject drops their
-pixels and the encoder zeroes their features). Both ViTs need the same architecture,
-so sharing is the only mode when the config names one ViT; `share_backbone=False`
-gives each consumer its own copy (e.g. to fine-tune one of them).
+state and in checkpoints), and the screen images go through it once
+(`CorrespondenceEstimator.backbone`, tapping the union of the blocks both consumers
+read, handed to both); the UV maps go through it a second time. Padded views are
+zeroed before the ViT (their tokens never matter: reproject drops their pixels and
+the encoder zeroes their features). Both ViTs need the same architecture, so sharing
+is the only mode when the config names one ViT; `share_backbone=False` gives each
+consumer its own copy (e.g. to fine-tune one of them).
 
 The head model and the anchors are NOT module state: they are built once from the
-config (`build_head`) and passed to `reconstruct` / `drive` as pytree arguments. So the
+config (`build_head`) and passed to `UIKA.__call__` / `drive` as pytree arguments. So the
 licensed FLAME arrays never enter a checkpoint, no optimizer or gradient sees them,
 and under `jax.jit` they are ordinary (replicated) arguments rather than constants
 folded into the program.
 
-Driving (DESIGN.md §2): the target frame's expression, jaw / neck / eye / global pose
+Driving: the target frame's expression, jaw / neck / eye / global pose
 and translation are applied with identity shape beta = 0 (the identity lives in the
 predicted offsets d_mu); `use_shape=True` applies the given beta instead (a dataset's
 fitted shape). Each Gaussian is driven as a point of the surface it sits on
@@ -40,15 +41,14 @@ composed with its canonical rotation: q_posed = q_lbs * q_canonical (Hamilton
 product, wxyz). Scales, opacities and colours do not change.
 
 Ablations (config `model.*`): `uv_attention=False` removes the transformer's UV branch
-(the UV stream of the encoder is then not computed at all), `aggregation=False` keeps
-I_aggr and gamma away from the decoder, `color_fusion=False` keeps them as decoder
-inputs but uses the predicted colours.
+(the encoder is then given no UV maps, so its UV stream is not computed),
+`aggregation=False` keeps I_aggr and gamma away from the decoder, `color_fusion=False`
+keeps them as decoder inputs but uses the predicted colours.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,15 +61,18 @@ from uika_jax.head.lbs import FlameParams
 from uika_jax.head.model import HeadModel
 from uika_jax.head.rotations import matrix_to_quaternion, quaternion_multiply
 from uika_jax.models.attention import AttentionConfig
-from uika_jax.models.correspondence import OUT_CHANNELS, CorrespondenceEstimator
-from uika_jax.models.correspondence import CorrespondenceOutput as Correspondence
+from uika_jax.models.correspondence import (
+    OUT_CHANNELS,
+    CorrespondenceEstimator,
+    CorrespondenceOutput,
+)
 from uika_jax.models.decoder import UVDecoder, UVDecoderConfig
 from uika_jax.models.dpt import DPTConfig
-from uika_jax.models.fusion import BackboneFeatures, DualEncoder, DualEncoderOutput, FusionConfig
+from uika_jax.models.fusion import DualEncoder, FusionConfig
 from uika_jax.models.gaussians import CanonicalGaussians
 from uika_jax.models.reproject import Reprojection, reproject
-from uika_jax.models.transformer import UVTransformer
-from uika_jax.models.vit import ViTConfig, normalize_imagenet
+from uika_jax.models.transformer import UVTransformer, UVTransformerConfig
+from uika_jax.models.vit import ViTConfig
 from uika_jax.render import RasterConfig, rasterization
 from uika_jax.synthetic.head import synthetic_head_model
 
@@ -89,7 +92,7 @@ class AvatarConfig:
       face_threshold: face probability above which a pixel is reprojected.
       fusion: the dual encoder's fusion CNNs.
       uv_size: side of the UV maps as the encoder's ViT sees them.
-      transformer: keyword arguments of `UVTransformer` (a sorted tuple of pairs).
+      transformer: the UV transformer.
       decoder: the UV decoder (its map_size is also the reprojection resolution).
       dtype: compute dtype of the ViT, the DPT and the transformer.
     """
@@ -104,17 +107,12 @@ class AvatarConfig:
     face_threshold: float
     fusion: FusionConfig
     uv_size: int
-    transformer: tuple[tuple[str, Any], ...]
+    transformer: UVTransformerConfig
     decoder: UVDecoderConfig
     dtype: str = "float32"
 
-    @property
-    def uv_attention(self) -> bool:
-        """Whether the transformer has its UV branch."""
-        return dict(self.transformer)["uv_attention"]
 
-
-def _tuple(x: Any) -> tuple | None:
+def _tuple(x: object) -> tuple | None:
     return None if x is None else tuple(x)
 
 
@@ -135,8 +133,7 @@ def avatar_config(model: ml_collections.ConfigDict) -> AvatarConfig:
     )
     if e.dim != t.dim:
         raise ValueError(f"encoder.dim {e.dim} must equal transformer.dim {t.dim}")
-    attention = AttentionConfig(backend=t.attention.backend, chunk_size=t.attention.chunk_size)
-    transformer = dict(
+    transformer = UVTransformerConfig(
         dim=t.dim,
         num_heads=t.num_heads,
         depth=t.depth,
@@ -145,7 +142,7 @@ def avatar_config(model: ml_collections.ConfigDict) -> AvatarConfig:
         mlp_ratio=t.mlp_ratio,
         uv_attention=bool(model.uv_attention),
         mode=t.mode,
-        attention_config=attention,
+        attention=AttentionConfig(backend=t.attention.backend, chunk_size=t.attention.chunk_size),
         remat=t.remat,
         dtype=jnp.dtype(model.dtype).name,
         scan=t.scan,
@@ -177,7 +174,7 @@ def avatar_config(model: ml_collections.ConfigDict) -> AvatarConfig:
             dim=e.dim, layers=_tuple(e.layers), use_rgb=e.use_rgb, pos_embed=e.pos_embed
         ),
         uv_size=e.uv_size,
-        transformer=tuple(sorted(transformer.items())),
+        transformer=transformer,
         decoder=decoder,
         dtype=jnp.dtype(model.dtype).name,
     )
@@ -195,7 +192,7 @@ class AvatarOutput:
     """
 
     gaussians: CanonicalGaussians
-    correspondence: Correspondence
+    correspondence: CorrespondenceOutput
     reprojection: Reprojection
 
 
@@ -211,8 +208,6 @@ class UIKA(nnx.Module):
         """
         self.config = config
         dtype = jnp.dtype(config.dtype)
-        tkw = dict(config.transformer)
-        tkw["dtype"] = jnp.dtype(tkw["dtype"])
         self.correspondence = CorrespondenceEstimator(
             config.vit,
             config.correspondence,
@@ -232,7 +227,7 @@ class UIKA(nnx.Module):
             vit=self.correspondence.vit if config.share_backbone else None,
             rngs=rngs,
         )
-        self.transformer = UVTransformer(**tkw, rngs=rngs)
+        self.transformer = UVTransformer(config.transformer, rngs=rngs)
         taps = len(self.transformer.taps)
         if taps != config.decoder.num_taps:
             raise ValueError(
@@ -240,8 +235,6 @@ class UIKA(nnx.Module):
                 f"takes {config.decoder.num_taps}: give decoder.neck_channels one entry per tap"
             )
         self.decoder = UVDecoder(config.decoder, rngs)
-        n = config.vit.num_layers
-        self._corr_layers = tuple(int(i) % n for i in self.correspondence.layers)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> UIKA:
@@ -264,98 +257,6 @@ class UIKA(nnx.Module):
             raise ValueError(f"view_mask shape {view_mask.shape} != (B, N) = {(b, n)}")
         return view_mask.astype(bool)
 
-    def _pixels(self, images: jax.Array, view_mask: jax.Array) -> jax.Array:
-        """(B, N, S, S, 3) in [0, 1] -> (B * N, S, S, 3) ViT input, padded views zeroed."""
-        b, n, h, w, _ = images.shape
-        images = jnp.where(view_mask[:, :, None, None, None], images.astype(jnp.float32), 0.0)
-        pixels = normalize_imagenet(images.reshape(b * n, h, w, 3))
-        if not self.config.train_backbone:  # the frozen ViT is a constant of any gradient
-            pixels = jax.lax.stop_gradient(pixels)
-        return pixels
-
-    def _shared_screen_pass(
-        self, images: jax.Array, pixels: jax.Array
-    ) -> tuple[Correspondence, tuple[jax.Array, ...]]:
-        """One ViT pass over the screen images for both the estimator and the encoder.
-
-        Returns:
-          (correspondence (B, N, H, W, ...), the encoder's tapped screen maps, float32).
-        """
-        b, n, h, w, _ = images.shape
-        corr = self.correspondence
-        layers = tuple(sorted(set(self._corr_layers) | set(self.encoder.layers)))
-        out = corr.vit(pixels.astype(corr.dtype), layers=layers)
-        maps = dict(zip(layers, out.features, strict=True))
-        cls = dict(zip(layers, out.feature_cls, strict=True))
-        # CorrespondenceEstimator.__call__, from the shared features.
-        readout = None
-        if corr.dpt.config.readout != "ignore":
-            readout = [cls[i] for i in self._corr_layers]
-        logits = corr.dpt([maps[i] for i in self._corr_layers], readout, output_size=(h, w))
-        logits = logits.astype(jnp.float32).reshape(b, n, h, w, OUT_CHANNELS)
-        face_logit = logits[..., 2:3]
-        correspondence = Correspondence(
-            uv=jax.nn.sigmoid(logits[..., :2]),
-            face_prob=jax.nn.sigmoid(face_logit),
-            face_logit=face_logit,
-        )
-        return correspondence, tuple(maps[i].astype(jnp.float32) for i in self.encoder.layers)
-
-    def _encoder_maps(self, pixels: jax.Array) -> tuple[jax.Array, ...]:
-        """The encoder's ViT on (B * N, S, S, 3) pixels, its tapped maps in float32."""
-        out = self.encoder.vit(pixels.astype(self.encoder.dtype), layers=self.encoder.layers)
-        return tuple(f.astype(jnp.float32) for f in out.features)
-
-    def encode(
-        self, images: jax.Array, view_mask: jax.Array | None = None
-    ) -> tuple[Correspondence, Reprojection, DualEncoderOutput]:
-        """The stages before the transformer: correspondence, reprojection, dual encoder.
-
-        Args: as `__call__` (without the anchors).
-
-        Returns:
-          (correspondence (B, N, H, W, ...), reprojection at the decoder map size, encoder
-          output). Without UV attention the UV stream is not computed (its tokens are 0).
-        """
-        view_mask = self._check_inputs(images, view_mask)
-        c = self.config
-        b, n = view_mask.shape
-        screen_pixels = self._pixels(images, view_mask)
-        if c.share_backbone:
-            correspondence, screen = self._shared_screen_pass(images, screen_pixels)
-        else:
-            correspondence = self.correspondence(images)
-            screen = self._encoder_maps(screen_pixels)
-        reprojection = reproject(
-            images,
-            jax.lax.stop_gradient(correspondence.uv),
-            jax.lax.stop_gradient(correspondence.face_prob),
-            view_mask,
-            resolution=c.decoder.map_size,
-            threshold=c.face_threshold,
-        )
-        if not c.uv_attention:  # no UV branch: the UV stream is never computed
-            fused = self.encoder.screen_cnn(screen, screen_pixels)
-            fused = jnp.where(
-                view_mask[:, :, None, None], fused.reshape(b, n, -1, c.fusion.dim), 0.0
-            )
-            grid = c.uv_size // c.vit.patch_size
-            uv = jnp.zeros((b, n, grid * grid, c.fusion.dim), jnp.float32)
-            return correspondence, reprojection, DualEncoderOutput(fused, uv, view_mask)
-        s = c.uv_size
-        i_uv = reprojection.i_uv
-        if i_uv.shape[2] != s:  # as DualEncoder.backbone (padded views are zeroed below)
-            i_uv = jax.image.resize(i_uv, (b, n, s, s, 3), method="linear", antialias=True)
-        uv_pixels = self._pixels(i_uv, view_mask)
-        features = BackboneFeatures(
-            screen=screen,
-            screen_pixels=screen_pixels,
-            uv=self._encoder_maps(uv_pixels),
-            uv_pixels=uv_pixels,
-            view_mask=view_mask,
-        )
-        return correspondence, reprojection, self.encoder.fuse(features)
-
     def __call__(
         self, images: jax.Array, view_mask: jax.Array | None, anchors: Anchors
     ) -> AvatarOutput:
@@ -370,16 +271,31 @@ class UIKA(nnx.Module):
         Returns:
           The `AvatarOutput`.
         """
-        correspondence, reprojection, encoded = self.encode(images, view_mask)
+        view_mask = self._check_inputs(images, view_mask)
+        c = self.config
+        screen_backbone = None
+        if c.share_backbone:  # one ViT pass over the screen images serves both stages
+            screen_backbone = self.correspondence.backbone(
+                images, view_mask, extra_layers=self.encoder.layers
+            )
+        correspondence = self.correspondence(images, view_mask, backbone=screen_backbone)
+        reprojection = reproject(
+            images,
+            jax.lax.stop_gradient(correspondence.uv),
+            jax.lax.stop_gradient(correspondence.face_prob),
+            view_mask,
+            resolution=c.decoder.map_size,
+            threshold=c.face_threshold,
+        )
+        encoded = self.encoder(
+            images,
+            reprojection.i_uv if c.transformer.uv_attention else None,
+            view_mask,
+            screen_backbone=screen_backbone,
+        )
         tokens = self.transformer(encoded.screen, encoded.view_mask, encoded.uv)
         gaussians = self.decoder(tokens, anchors, reprojection.i_aggr, reprojection.gamma)
         return AvatarOutput(gaussians, correspondence, reprojection)
-
-    def reconstruct(
-        self, images: jax.Array, view_mask: jax.Array | None, anchors: Anchors
-    ) -> CanonicalGaussians:
-        """Images -> canonical Gaussians (B, K, ...) in one forward pass (see `__call__`)."""
-        return self(images, view_mask, anchors).gaussians
 
     def load_backbone(self, path: str) -> None:
         """Loads pretrained HF DINOv2 / DINOv3 weights (local safetensors) into the ViT(s)."""
@@ -405,7 +321,7 @@ def build_head(config: ml_collections.ConfigDict) -> tuple[HeadModel, Anchors]:
     """The head model and its anchors at the decoder map size, once, from a full config.
 
     Returns:
-      (head model, anchors): pytrees of NumPy arrays, to pass to `reconstruct` and `drive`.
+      (head model, anchors): pytrees of NumPy arrays, to pass to `UIKA.__call__` and `drive`.
     """
     h = config.head
     head = load_head_model(h.model_path, h.uv_path) if h.model_path else synthetic_head_model()
@@ -456,7 +372,7 @@ def drive(
     Args:
       head: the head model the anchors were made on.
       anchors: the K anchors of the Gaussians.
-      gaussians: canonical Gaussians (B, K, ...) from `reconstruct`.
+      gaussians: canonical Gaussians (B, K, ...), `UIKA.__call__(...).gaussians`.
       params: target FLAME parameters with leading dims (B, F): shape (B, F, S),
         expression (B, F, E), pose (B, F, J, 3), translation (B, F, 3).
       use_shape: apply `params.shape`; False (default) drives with beta = 0.

@@ -1,9 +1,9 @@
 """The UV correspondence estimator U(I): frozen ViT + DPT head -> per-pixel UV and face mask.
 
-Pixel3DMM-style (REFERENCES §2), with a DPT head as the paper's stage 1 asks
+Pixel3DMM-style (SimonGiebenhain/pixel3dmm), with a DPT head as the paper's stage 1 asks
 instead of Pixel3DMM's attention + transposed-conv head:
 
-    images (..., H, W, 3) in [0, 1]
+    images (..., H, W, 3) in [0, 1]   (padded views zeroed, `view_mask`)
       -> ImageNet normalisation -> ViT, tapping `layers` (normed patch maps + cls)
       -> DPT neck + head at the input resolution, 3 channels of logits
       -> uv = sigmoid(logits[..., 0:2])  image UV (u, 1 - v) in [0, 1]^2
@@ -18,6 +18,10 @@ The backbone is frozen by default: its weights are `FrozenParam` (outside
 outputs pass through `stop_gradient`, so no gradient is computed for it.
 `train_backbone=True` makes it `nnx.Param` (the tiny config trains a small ViT
 from scratch, as no pretrained weights are available offline).
+
+Sharing the ViT pass: `backbone(images, extra_layers=...)` runs the ViT once, tapping
+the DPT's layers and a second consumer's (the dual encoder's), and `__call__(...,
+backbone=that)` predicts from it without a second pass.
 
 Loss (`correspondence_loss`): `uv * L1 + mask * BCE` where L1 is the mean
 absolute image-UV error per coordinate over ground-truth face pixels (pooled
@@ -45,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uika_jax.models.dpt import DPT, DPTConfig
-from uika_jax.models.vit import ViTConfig, backbone_vit, normalize_imagenet
+from uika_jax.models.vit import ViTConfig, ViTOutput, backbone_vit, default_taps, vit_input
 
 SYNTHETIC_MIRROR_U = 0.5
 """Mirror axis u = c of the built-in synthetic head's UV layout."""
@@ -55,13 +59,6 @@ FLAME_MIRROR_U = 0.50375
 
 OUT_CHANNELS = 3
 """DPT output channels: image UV (2) and the face logit (1)."""
-
-
-def default_taps(num_layers: int, num_levels: int = 4) -> tuple[int, ...]:
-    """Evenly spaced 0-based block indices ending at the last block (DPT's (2, 5, 8, 11) for 12)."""
-    if num_layers < 1 or num_levels < 1:
-        raise ValueError(f"need >= 1 layer and level, got {num_layers} and {num_levels}")
-    return tuple(max(0, round((i + 1) * num_layers / num_levels) - 1) for i in range(num_levels))
 
 
 @jax.tree_util.register_dataclass
@@ -99,8 +96,8 @@ class CorrespondenceEstimator(nnx.Module):
           vit_config: the backbone.
           dpt_config: the head; `in_dim` must be the ViT width and `out_channels` 3.
             Default: `DPTConfig(in_dim=vit_config.hidden_size, out_channels=3)`.
-          layers: ViT blocks to tap, one per DPT level, shallowest first; default
-            `default_taps(num_layers, num_levels)`.
+          layers: ViT blocks to tap, one per DPT level, shallowest first (negative
+            from the end; kept 0-based); default `default_taps(num_layers, num_levels)`.
           train_backbone: make the ViT weights `nnx.Param` (trainable) instead of
             `FrozenParam` + stop_gradient.
           dtype: computation dtype of the ViT and the DPT (weights stay float32;
@@ -122,29 +119,66 @@ class CorrespondenceEstimator(nnx.Module):
         n = vit_config.num_layers
         if any(not -n <= i < n for i in layers):
             raise ValueError(f"tapped layers {layers} out of range for {n} blocks")
-        self.layers = layers
-        self.dtype = dtype
+        self.layers = tuple(i % n for i in layers)
         self.train_backbone = train_backbone
         self.vit = backbone_vit(vit_config, trainable=train_backbone, dtype=dtype, rngs=rngs)
         self.dpt = DPT(dpt_config, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> CorrespondenceOutput:
+    def backbone(
+        self,
+        images: jax.Array,
+        view_mask: jax.Array | None = None,
+        *,
+        extra_layers: tuple[int, ...] = (),
+    ) -> ViTOutput:
+        """The ViT pass of `__call__`, which another consumer may share.
+
+        Args:
+          images: (..., H, W, 3) RGB in [0, 1] (at least one leading dim); H, W
+            multiples of the ViT patch size.
+          view_mask: optional bool of shape `...`, False for padded views (zeroed).
+          extra_layers: blocks to tap besides the DPT's (0-based, negative from the end).
+
+        Returns:
+          The `ViTOutput` of the flattened (prod(...), H, W, 3) images, tapping the
+          union of the DPT's layers and `extra_layers`.
+        """
+        if images.ndim < 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected images (..., H, W, 3) RGB, got shape {images.shape}")
+        if view_mask is not None and jnp.shape(view_mask) != images.shape[:-3]:
+            raise ValueError(
+                f"view_mask shape {jnp.shape(view_mask)} != leading image dims {images.shape[:-3]}"
+            )
+        h, w = images.shape[-3:-1]
+        pixels = vit_input(images, view_mask, frozen=not self.train_backbone)
+        return self.vit(pixels.reshape(-1, h, w, 3), layers=(*self.layers, *extra_layers))
+
+    def __call__(
+        self,
+        images: jax.Array,
+        view_mask: jax.Array | None = None,
+        *,
+        backbone: ViTOutput | None = None,
+    ) -> CorrespondenceOutput:
         """Predicts image UV and the face mask.
 
         Args:
           images: (..., H, W, 3) RGB in [0, 1] (at least one leading dim); H, W
             multiples of the ViT patch size.
+          view_mask: optional bool of shape `...`, False for padded views (zeroed
+            before the ViT; their predictions are those of a black image).
+          backbone: `self.backbone(images, view_mask, ...)` computed by the caller (a
+            pass it shares); None: run it here.
 
         Returns:
           A `CorrespondenceOutput` at the input resolution, float32.
         """
-        if images.ndim < 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images (..., H, W, 3) RGB, got shape {images.shape}")
+        if backbone is None:
+            backbone = self.backbone(images, view_mask)
         lead, (h, w) = images.shape[:-3], images.shape[-3:-1]
-        x = normalize_imagenet(images.reshape(-1, h, w, 3).astype(jnp.float32))
-        out = self.vit(x.astype(self.dtype), layers=self.layers)
-        cls = None if self.dpt.config.readout == "ignore" else out.feature_cls
-        logits = self.dpt(out.features, cls, output_size=(h, w)).astype(jnp.float32)
+        features, cls = backbone.taps(self.layers)
+        readout = None if self.dpt.config.readout == "ignore" else cls
+        logits = self.dpt(features, readout, output_size=(h, w)).astype(jnp.float32)
         logits = logits.reshape(*lead, h, w, OUT_CHANNELS)
         face_logit = logits[..., 2:3]
         return CorrespondenceOutput(

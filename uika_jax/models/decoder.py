@@ -7,15 +7,14 @@ Data flow (paper sizes in brackets; every size is a `UVDecoderConfig` field):
    is laid out like the UV map: token (i, j) covers the texels of rows
    [i M / side, (i + 1) M / side) and the matching columns (rows pointing down, as in
    image UV, `uika_jax.head.uv_raster`).
-2. DPT-style reassemble (`uika_jax.models.dpt.ReassembleLayer`), per tap, shallowest
-   first: a 1x1 conv D -> `neck_channels[i]`, then resampling by `factors[i]` (a
-   learned transposed conv for f > 1, a strided 3x3 conv for f < 1), then a 3x3 conv
-   to `features` channels. The default factors (2, 1, 1/2, 1/4) give a pyramid
-   [192, 96, 48, 24].
-3. Fusion (`dpt.FusionBlock`), deepest first: `x = proj(resize(rcu2(x + rcu1(skip))))`;
-   each block resizes to the next level's size and the last one to the decoder map
-   size M [384 = 4 x side] (bilinear, align_corners=True; DPT's rule, except that
-   the last size is M rather than twice the shallowest level).
+2-3. The DPT neck (`uika_jax.models.dpt.DPTNeck`, readout "ignore"). Reassemble, per
+   tap, shallowest first: a 1x1 conv D -> `neck_channels[i]`, then resampling by
+   `factors[i]` (a learned transposed conv for f > 1, a strided 3x3 conv for f < 1),
+   then a 3x3 conv to `features` channels. The default factors (2, 1, 1/2, 1/4) give a
+   pyramid [192, 96, 48, 24]. Fusion, deepest first:
+   `x = proj(resize(rcu2(x + rcu1(skip))))`; each block resizes to the next level's
+   size and the last one to the decoder map size M [384 = 4 x side] (bilinear,
+   align_corners=True; the neck's `output_size`, where DPT doubles the shallowest level).
 4. Feature map: ReLU(3x3 conv features -> C) gives the (B, M, M, C) map [C 256].
 5. Aggregation (if `aggregation`): I_aggr (3) and gamma (1), (B, M, M, 4) from
    `uika_jax.models.reproject`, are concatenated to the map.
@@ -170,19 +169,10 @@ class UVDecoder(nnx.Module):
         c = config
         self.config = c
         kw = dict(param_type=param_type, rngs=rngs)
-        self.reassemble = nnx.List(
-            [
-                dpt.ReassembleLayer(c.in_dim, ch, f, **kw)
-                for ch, f in zip(c.neck_channels, c.factors, strict=True)
-            ]
+        neck = dpt.DPTConfig(
+            in_dim=c.in_dim, neck_channels=c.neck_channels, factors=c.factors, features=c.features
         )
-        self.level_convs = nnx.List(
-            [dpt.Conv2d(ch, c.features, 3, use_bias=False, **kw) for ch in c.neck_channels]
-        )
-        # fusion[0] handles the deepest tap (no skip), fusion[-1] the shallowest.
-        self.fusion = nnx.List(
-            [dpt.FusionBlock(c.features, has_skip=i > 0, **kw) for i in range(c.num_taps)]
-        )
+        self.neck = dpt.DPTNeck(neck, **kw)
         self.out_conv = dpt.Conv2d(c.features, c.channels, 3, **kw)
         width = c.channels + (AGGR_CHANNELS if c.aggregation else 0)
         layers = []
@@ -203,18 +193,12 @@ class UVDecoder(nnx.Module):
         """
         c = self.config
         self._check_tokens(tokens)
-        maps = [t.reshape(t.shape[0], c.token_side, c.token_side, c.in_dim) for t in tokens]
         dtype = jnp.dtype(c.dtype)
-        levels = [
-            conv(layer(x.astype(dtype)))
-            for layer, conv, x in zip(self.reassemble, self.level_convs, maps, strict=True)
-        ][::-1]
-        fused = None
-        for i, block in enumerate(self.fusion):
-            size = levels[i + 1].shape[1:3] if i + 1 < len(levels) else (c.map_size,) * 2
-            fused = (
-                block(levels[i], size=size) if fused is None else block(fused, levels[i], size=size)
-            )
+        maps = [
+            t.reshape(t.shape[0], c.token_side, c.token_side, c.in_dim).astype(dtype)
+            for t in tokens
+        ]
+        fused = self.neck(maps, output_size=(c.map_size, c.map_size))[-1]
         return jax.nn.relu(self.out_conv(fused))
 
     def _check_tokens(self, tokens: Sequence[jax.Array]) -> None:

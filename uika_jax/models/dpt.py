@@ -24,8 +24,9 @@ The structure follows HF transformers' `DPTNeck` / `DPTDepthEstimationHead`
    ReLU, 1x1 conv to `out_channels`. The head has no output activation (HF's
    depth head ends in a ReLU; callers apply their own).
 
-Everything is generic over the number of levels and their widths, so other
-decoders can reuse `ReassembleLayer`, `FusionBlock`, `ResidualConvUnit` and `DPTNeck`.
+Everything is generic over the number of levels and their widths, and the neck's
+last fused map may be given any size (`output_size`), so other decoders reuse
+`DPTNeck` (the UV decoder does).
 
 Weights are created by `vit_layers.make_param` with logical axis names:
 
@@ -402,7 +403,11 @@ class DPTNeck(nnx.Module):
         )
 
     def __call__(
-        self, features: Sequence[jax.Array], cls_tokens: Sequence[jax.Array] | None = None
+        self,
+        features: Sequence[jax.Array],
+        cls_tokens: Sequence[jax.Array] | None = None,
+        *,
+        output_size: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, ...]:
         """Runs the neck.
 
@@ -410,10 +415,12 @@ class DPTNeck(nnx.Module):
           features: one (B, h, w, in_dims[i]) token map per level, shallowest first.
           cls_tokens: the matching (B, in_dims[i]) cls tokens (needed unless readout
             is "ignore").
+          output_size: (height, width) of the last fused map; default twice the
+            shallowest reassembled level's size.
 
         Returns:
-          The fused maps (B, *, *, features), deepest first (HF order); the last one,
-          at twice the shallowest reassembled level's size, feeds the head.
+          The fused maps (B, *, *, features), deepest first (HF order); the last one
+          (at `output_size`) feeds the head.
         """
         c = self.config
         if len(features) != c.num_levels:
@@ -432,7 +439,7 @@ class DPTNeck(nnx.Module):
         maps = maps[::-1]
         fused, out = None, []
         for i, block in enumerate(self.fusion):
-            size = maps[i + 1].shape[1:3] if i + 1 < len(maps) else None
+            size = maps[i + 1].shape[1:3] if i + 1 < len(maps) else output_size
             fused = block(maps[i], size=size) if fused is None else block(fused, maps[i], size=size)
             out.append(fused)
         return tuple(out)

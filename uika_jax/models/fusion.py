@@ -26,6 +26,12 @@ UV maps: each view's reprojected map is resized bilinearly with antialiasing
 (`jax.image.resize(..., "linear")`) from R' x R' to `uv_size` x `uv_size`, the
 ViT input side (a multiple of the patch; e.g. 384 -> 256 at patch 16 gives a
 16 x 16 grid); no resize when R' = uv_size. Texels without a hit are 0 (black).
+Without UV maps (`uv_maps=None`, the "w/o uv_attn" ablation) the UV stream is not
+computed at all.
+
+Shared ViT pass: a caller that already ran the ViT on the screen images (the
+correspondence estimator's `backbone`, tapping these layers too) passes that output
+as `screen_backbone`, and the screen stream reuses it instead of a second pass.
 
 Frozen backbone: the ViT's weights are `FrozenParam` (outside
 `nnx.Optimizer(..., wrt=nnx.Param)` and `nnx.DiffState(0, nnx.Param)`), and
@@ -51,9 +57,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uika_jax.models import vit_layers
-from uika_jax.models.correspondence import default_taps
 from uika_jax.models.dpt import Conv2d
-from uika_jax.models.vit import ViT, ViTConfig, backbone_vit, normalize_imagenet
+from uika_jax.models.vit import ViT, ViTConfig, ViTOutput, backbone_vit, default_taps, vit_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,58 +92,17 @@ class FusionConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DualEncoderOutput:
-    """Screen and UV feature tokens, view-major (token n * P + k is patch k of view n).
+    """Screen and UV feature tokens per view (token k of view n is patch k, row-major).
 
     Attributes:
-      screen: (B, N, P, D) screen features per view; 0 for padded views.
-      uv: (B, N, P', D) UV features per view; 0 for padded views.
+      screen: (B, N, P, D) screen features F_s per view; 0 for padded views.
+      uv: (B, N, P', D) UV features F_uv per view, 0 for padded views; None when the UV
+        stream was not computed (no UV maps given).
       view_mask: (B, N) bool, False for padded views.
     """
 
     screen: jax.Array
-    uv: jax.Array
-    view_mask: jax.Array
-
-    @property
-    def f_s(self) -> jax.Array:
-        """(B, N * P, D) screen tokens F_s."""
-        b, n, p, d = self.screen.shape
-        return self.screen.reshape(b, n * p, d)
-
-    @property
-    def f_uv(self) -> jax.Array:
-        """(B, N * P', D) UV tokens F_uv."""
-        b, n, p, d = self.uv.shape
-        return self.uv.reshape(b, n * p, d)
-
-    @property
-    def screen_mask(self) -> jax.Array:
-        """(B, N * P) bool token mask of F_s."""
-        return jnp.repeat(self.view_mask, self.screen.shape[2], axis=1)
-
-    @property
-    def uv_mask(self) -> jax.Array:
-        """(B, N * P') bool token mask of F_uv."""
-        return jnp.repeat(self.view_mask, self.uv.shape[2], axis=1)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BackboneFeatures:
-    """What the frozen ViT gives the fusion CNNs (B' = B * N views, padded views zeroed).
-
-    Attributes:
-      screen: tapped ViT maps of the screen images, each (B', h, w, D_vit).
-      screen_pixels: (B', H, W, 3) the ImageNet-normalised screen images.
-      uv: tapped ViT maps of the UV maps, each (B', h', w', D_vit).
-      uv_pixels: (B', uv_size, uv_size, 3) the normalised, resized UV maps.
-      view_mask: (B, N) bool.
-    """
-
-    screen: tuple[jax.Array, ...]
-    screen_pixels: jax.Array
-    uv: tuple[jax.Array, ...]
-    uv_pixels: jax.Array
+    uv: jax.Array | None
     view_mask: jax.Array
 
 
@@ -252,7 +216,6 @@ class DualEncoder(nnx.Module):
         self.uv_size = int(uv_size)
         self.layers = fusion_config.taps(vit_config.num_layers)
         self.train_backbone = train_backbone
-        self.dtype = dtype
         if vit is None:
             vit = backbone_vit(vit_config, trainable=train_backbone, dtype=dtype, rngs=rngs)
         elif vit.config != vit_config or vit.stop_gradient != (not train_backbone):
@@ -266,93 +229,67 @@ class DualEncoder(nnx.Module):
         self.screen_cnn = FusionCNN(d, n, fusion_config, grid=(image_size // p,) * 2, **kw)
         self.uv_cnn = FusionCNN(d, n, fusion_config, grid=(uv_size // p,) * 2, **kw)
 
-    def backbone(
+    def __call__(
         self,
         images: jax.Array,
-        uv_maps: jax.Array,
+        uv_maps: jax.Array | None,
         view_mask: jax.Array | None = None,
-    ) -> BackboneFeatures:
-        """Runs the frozen ViT on both streams (the first half of `__call__`).
+        *,
+        screen_backbone: ViTOutput | None = None,
+    ) -> DualEncoderOutput:
+        """Encodes screen images and per-view UV maps.
 
-        Args: as `__call__`.
+        Args:
+          images: (B, N, H, W, 3) screen images in [0, 1], H = W = image_size.
+          uv_maps: (B, N, R', R', 3) per-view reprojected UV maps in [0, 1]
+            (`Reprojection.i_uv`), resized to uv_size here; None: no UV stream.
+          view_mask: (B, N) bool, False for padded views; None: all valid.
+          screen_backbone: the ViT's output on the B * N screen images with padded views
+            zeroed (`CorrespondenceEstimator.backbone` of the shared ViT, tapping at least
+            `layers`); None: this encoder runs its ViT on them.
 
         Returns:
-          The `BackboneFeatures` of the B * N screen images and UV maps.
+          The `DualEncoderOutput` (float32).
         """
         if images.ndim != 5 or images.shape[-1] != 3:
             raise ValueError(f"expected images (B, N, H, W, 3), got shape {images.shape}")
         b, n, h, w, _ = images.shape
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(f"images are {h}x{w}, the encoder expects {self.image_size}^2")
-        if uv_maps.ndim != 5 or uv_maps.shape[:2] != (b, n) or uv_maps.shape[-1] != 3:
-            raise ValueError(f"expected uv_maps (B={b}, N={n}, R, R, 3), got {uv_maps.shape}")
-        r = uv_maps.shape[2]
-        if uv_maps.shape[3] != r:
-            raise ValueError(f"uv_maps must be square, got {uv_maps.shape[2:4]}")
+        if uv_maps is not None:
+            if uv_maps.ndim != 5 or uv_maps.shape[:2] != (b, n) or uv_maps.shape[-1] != 3:
+                raise ValueError(f"expected uv_maps (B={b}, N={n}, R, R, 3), got {uv_maps.shape}")
+            if uv_maps.shape[3] != uv_maps.shape[2]:
+                raise ValueError(f"uv_maps must be square, got {uv_maps.shape[2:4]}")
         if view_mask is None:
             view_mask = jnp.ones((b, n), jnp.bool_)
         view_mask = jnp.asarray(view_mask).astype(bool)
         if view_mask.shape != (b, n):
             raise ValueError(f"view_mask shape {view_mask.shape} != {(b, n)}")
+        frozen = not self.train_backbone
+        screen_pixels = vit_input(images, view_mask, frozen=frozen).reshape(b * n, h, w, 3)
+        if screen_backbone is None:
+            screen_backbone = self.vit(screen_pixels, layers=self.layers)
+        screen = self._stream(self.screen_cnn, screen_backbone, screen_pixels, view_mask)
+        if uv_maps is None:
+            return DualEncoderOutput(screen=screen, uv=None, view_mask=view_mask)
 
-        valid = view_mask[:, :, None, None, None]
-        # Padded views are zeroed first: whatever they hold (NaN included) never reaches
-        # a weight or its gradient.
-        images = jnp.where(valid, images.astype(jnp.float32), 0.0)
-        uv_maps = jnp.where(valid, uv_maps.astype(jnp.float32), 0.0)
-        if r != self.uv_size:
-            uv_maps = jax.image.resize(
-                uv_maps, (b, n, self.uv_size, self.uv_size, 3), method="linear", antialias=True
-            )
-        screen_pixels = normalize_imagenet(images.reshape(b * n, h, w, 3))
-        uv_pixels = normalize_imagenet(uv_maps.reshape(b * n, self.uv_size, self.uv_size, 3))
-        if not self.train_backbone:  # the ViT is a constant of any gradient
-            screen_pixels = jax.lax.stop_gradient(screen_pixels)
-            uv_pixels = jax.lax.stop_gradient(uv_pixels)
+        # Padded views are zeroed before the resize (which mixes texels, never views).
+        uv_maps = jnp.where(view_mask[:, :, None, None, None], uv_maps.astype(jnp.float32), 0.0)
+        s = self.uv_size
+        if uv_maps.shape[2] != s:
+            uv_maps = jax.image.resize(uv_maps, (b, n, s, s, 3), method="linear", antialias=True)
+        uv_pixels = vit_input(uv_maps, frozen=frozen).reshape(b * n, s, s, 3)
+        uv_backbone = self.vit(uv_pixels, layers=self.layers)
+        uv = self._stream(self.uv_cnn, uv_backbone, uv_pixels, view_mask)
+        return DualEncoderOutput(screen=screen, uv=uv, view_mask=view_mask)
 
-        def run(x: jax.Array) -> tuple[jax.Array, ...]:
-            features = self.vit(x.astype(self.dtype), layers=self.layers).features
-            return tuple(f.astype(jnp.float32) for f in features)
-
-        return BackboneFeatures(
-            screen=run(screen_pixels),
-            screen_pixels=screen_pixels,
-            uv=run(uv_pixels),
-            uv_pixels=uv_pixels,
-            view_mask=view_mask,
-        )
-
-    def fuse(self, features: BackboneFeatures) -> DualEncoderOutput:
-        """Runs the two fusion CNNs on the backbone features (the second half of `__call__`)."""
-        b, n = features.view_mask.shape
-        token_valid = features.view_mask[:, :, None, None]
-
-        def stream(cnn: FusionCNN, maps: tuple[jax.Array, ...], pixels: jax.Array) -> jax.Array:
-            fused = cnn(maps, pixels)
-            fused = fused.reshape(b, n, -1, fused.shape[-1])
-            return jnp.where(token_valid, fused, 0.0)
-
-        return DualEncoderOutput(
-            screen=stream(self.screen_cnn, features.screen, features.screen_pixels),
-            uv=stream(self.uv_cnn, features.uv, features.uv_pixels),
-            view_mask=features.view_mask,
-        )
-
-    def __call__(
-        self,
-        images: jax.Array,
-        uv_maps: jax.Array,
-        view_mask: jax.Array | None = None,
-    ) -> DualEncoderOutput:
-        """Encodes screen images and per-view UV maps: `fuse(backbone(...))`.
-
-        Args:
-          images: (B, N, H, W, 3) screen images in [0, 1], H = W = image_size.
-          uv_maps: (B, N, R', R', 3) per-view reprojected UV maps in [0, 1]
-            (`Reprojection.i_uv`), resized to uv_size here.
-          view_mask: (B, N) bool, False for padded views; None: all valid.
-
-        Returns:
-          The `DualEncoderOutput` (float32).
-        """
-        return self.fuse(self.backbone(images, uv_maps, view_mask))
+    def _stream(
+        self, cnn: FusionCNN, backbone: ViTOutput, pixels: jax.Array, view_mask: jax.Array
+    ) -> jax.Array:
+        """One stream's fusion CNN on its ViT maps -> (B, N, P, D), padded views 0."""
+        maps, _ = backbone.taps(self.layers)
+        fused = cnn(tuple(f.astype(jnp.float32) for f in maps), pixels)
+        b, n = view_mask.shape
+        fused = fused.reshape(b, n, -1, fused.shape[-1])
+        return jnp.where(view_mask[:, :, None, None], fused, 0.0)

@@ -1,10 +1,10 @@
 """Canonical Gaussians, the Gaussian head (attribute layers + activations), the offset regulariser.
 
 The UV decoder (`uika_jax.models.decoder`) turns the feature of each anchor texel into
-one Gaussian. `GaussianHead` holds one linear layer per attribute (LAM's GSLayer,
-REFERENCES.md §1.3) and applies the activations once; `CanonicalGaussians` stores the
-result in the project's conventions (DESIGN.md §3: quaternions wxyz, scales as log,
-opacity as logit, activated once by the accessors).
+one Gaussian. `GaussianHead` holds one linear layer per attribute (LAM's GSLayer in
+`lam/models/rendering/gs_renderer.py`, aigc3d/LAM) and applies the activations once;
+`CanonicalGaussians` stores the result in the project's conventions (quaternions wxyz,
+scales as log, opacity as logit, activated once by the accessors).
 
 Attributes, activations and ranges (v is the raw output of the attribute's layer):
 
@@ -42,7 +42,7 @@ back to the prediction: w is forced to 0 there, and no gradient reaches w from s
 Gaussians. Without colour fusion (or without aggregation), c = c_hat and no w layer
 exists. `fusion_weights` stores w_eff.
 
-The offset regulariser (DESIGN.md §1-2; the paper's L_reg = ||max(d_mu, eps)||):
+The offset regulariser (the paper's L_reg = ||max(d_mu, eps)||, weight 0.1 in the loss):
 
     reg = mean_k max(||d_mu_k||_2 - eps, 0)
 
@@ -275,7 +275,7 @@ def _safe_norm(x: jax.Array) -> jax.Array:
 def offset_regularizer(
     d_mu: jax.Array, mask: jax.Array | None = None, eps: float = 0.0
 ) -> jax.Array:
-    """mean_k max(||d_mu_k||_2 - eps, 0) over the (masked) Gaussians (DESIGN.md §2).
+    """mean_k max(||d_mu_k||_2 - eps, 0) over the (masked) Gaussians (eps: the config's).
 
     Args:
       d_mu: (..., K, 3) offsets.

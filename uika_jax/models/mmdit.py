@@ -2,7 +2,8 @@
 
 Z are the learnable UV tokens, F a context stream (screen or UV features).
 
-The block follows LAM's `SD3JointTransformerBlock` without adaLN (REFERENCES.md §1.1):
+The block follows LAM's `SD3JointTransformerBlock` (`lam/models/transformer_dit.py`,
+aigc3d/LAM), which runs without adaLN:
 every weight is modality-specific (Z: `norm1, to_q/k/v, norm_q/k, to_out, norm2, ff`;
 F: `norm1_context, add_q/k/v, norm_added_q/k, to_add_out, norm2_context, ff_context`) and
 only the softmax is shared. With `a = attention` and pre-norm residuals:

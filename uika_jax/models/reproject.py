@@ -72,11 +72,6 @@ class Reprojection:
     gamma: jax.Array
     n_hit: jax.Array
 
-    @property
-    def aggregated(self) -> jax.Array:
-        """(B, R, R, 4): I_aggr and gamma concatenated, the UV decoder's extra input."""
-        return jnp.concatenate([self.i_aggr, self.gamma.astype(self.i_aggr.dtype)], axis=-1)
-
 
 def _face_mask(face: jax.Array, shape: tuple[int, ...], threshold: float) -> jax.Array:
     """(B, N, H, W[, 1]) probabilities or bools -> (B, N, H, W) bool."""

@@ -7,7 +7,8 @@ The model is built with `nnx.eval_shape` (no weight is allocated, so the paper
 configuration counts in seconds on a CPU). Trainable weights are `nnx.Param`, frozen
 ones `FrozenParam`; a ViT shared by the correspondence estimator and the dual encoder
 is counted once (under `correspondence/vit`). The last line is the README table row
-`| name | trainable | frozen |`.
+`| name | trainable | frozen |`, named after the config and its ablation (e.g.
+`tiny:no_uv_attention`).
 """
 
 from __future__ import annotations

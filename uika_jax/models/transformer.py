@@ -1,9 +1,10 @@
 """`UVTransformer`: learnable UV tokens Z that gather screen and UV features (UIKA §2).
 
 Reading of the paper's "Z += dZ_s + dZ_uv" with LAM's two-stream MM-DiT blocks
-(REFERENCES.md §1.1; the branch maths is in `uika_jax.models.mmdit`). Block l holds two
-independent `JointAttentionBlock` branches, s (screen) and uv, each with its own weights.
-Both branches read the same Z (the block input), in parallel, not one after the other:
+(aigc3d/LAM `SD3JointTransformerBlock`; the branch maths is in `uika_jax.models.mmdit`).
+Block l holds two independent `JointAttentionBlock` branches, s (screen) and uv, each
+with its own weights. Both branches read the same Z (the block input), in parallel, not
+one after the other:
 
     for b in (s, uv):                                     # branch b, context F_b
         [a_z; a_f] = softmax-attention over [LN1(Z); LN1c(F_b)]   (padded F_b keys masked)
@@ -32,11 +33,13 @@ compiles one block for all depths; the tapped depths come out of the scan's per-
 outputs. `scan=False` is a Python loop over separate blocks (a different weight layout).
 `remat` wraps each block in `nnx.remat` with a policy from `REMAT_POLICIES`. Residual
 streams are float32; `dtype` is the compute dtype of the projections and the attention.
+The architecture is a `UVTransformerConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,14 +52,70 @@ from uika_jax.models.vit_layers import INIT_NORMAL, LayerNorm, make_param
 
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 """Per-block rematerialisation: "none" stores every activation; the others recompute the
-block in the backward pass, saving only what the `jax.checkpoint_policies` policy keeps."""
+block in the backward pass, saving only what the `jax.checkpoint_policies` policy keeps
+("nothing_saveable": full recomputation)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UVTransformerConfig:
+    """Architecture of the `UVTransformer` (hashable; defaults: paper scale).
+
+    Attributes:
+      dim: token width D (= feature width of F_s and F_uv).
+      num_heads: attention heads (head_dim = dim / num_heads).
+      depth: number of blocks L.
+      num_tokens: Lz, the number of UV tokens (96 * 96 in the paper).
+      taps: 1-based block depths whose output Z is returned, ascending; None:
+        (L/4, L/2, 3L/4, L) rounded, deduplicated (`tap_depths`).
+      mlp_ratio: MLP hidden width / D.
+      uv_attention: build the UV branch (False: the "w/o uv_attn" ablation).
+      mode: "joint" (MM-DiT joint attention) or "cross" (Z queries F).
+      attention: attention backend and its options.
+      remat: a key of `REMAT_POLICIES`.
+      dtype: compute dtype, "float32" or "bfloat16".
+      scan: `nnx.scan` over stacked blocks (True) or a Python loop (False).
+    """
+
+    dim: int = 1024
+    num_heads: int = 16
+    depth: int = 12
+    num_tokens: int = 96 * 96
+    taps: tuple[int, ...] | None = None
+    mlp_ratio: int = 4
+    uv_attention: bool = True
+    mode: str = "joint"
+    attention: AttentionConfig = AttentionConfig()  # noqa: RUF009 (frozen dataclass)
+    remat: str = "none"
+    dtype: str = "float32"
+    scan: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown attention mode {self.mode!r}; known: {MODES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {self.remat!r}; known: {sorted(REMAT_POLICIES)}"
+            )
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        taps = self.tap_depths
+        if not taps or list(taps) != sorted(set(taps)) or taps[0] < 1 or taps[-1] > self.depth:
+            raise ValueError(f"taps {taps} must be ascending, unique depths in [1, {self.depth}]")
+        if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype}")
+
+    @property
+    def tap_depths(self) -> tuple[int, ...]:
+        """The tapped depths, `taps` or its default."""
+        if self.taps is None:
+            return tuple(sorted({max(1, round(self.depth * i / 4)) for i in range(1, 5)}))
+        return tuple(int(t) for t in self.taps)
 
 
 class DualBranchBlock(nnx.Module):
@@ -117,80 +176,46 @@ class UVTransformer(nnx.Module):
 
     def __init__(
         self,
+        config: UVTransformerConfig,
         *,
-        dim: int = 1024,
-        num_heads: int = 16,
-        depth: int = 12,
-        num_tokens: int = 96 * 96,
-        taps: Sequence[int] | None = None,
-        mlp_ratio: int = 4,
-        uv_attention: bool = True,
-        mode: str = "joint",
-        attention_config: AttentionConfig | None = None,
-        remat: str = "none",
-        dtype: jnp.dtype = jnp.float32,
-        scan: bool = True,
         param_type: ParamType = nnx.Param,
         rngs: nnx.Rngs,
     ):
         """Builds the tokens and blocks.
 
         Args:
-          dim: token width D (= feature width of F_s and F_uv).
-          num_heads: attention heads (head_dim = dim / num_heads).
-          depth: number of blocks L.
-          num_tokens: Lz, the number of UV tokens (96 * 96 in the paper).
-          taps: 1-based block depths whose output Z is returned, ascending; default
-            (L/4, L/2, 3L/4, L) rounded, deduplicated.
-          mlp_ratio: MLP hidden width / D.
-          uv_attention: build the UV branch (False: the "w/o uv_attn" ablation).
-          mode: "joint" (MM-DiT joint attention) or "cross" (Z queries F).
-          attention_config: attention backend and its options (default xla).
-          remat: a key of `REMAT_POLICIES`.
-          dtype: compute dtype (float32 or bfloat16).
-          scan: `nnx.scan` over stacked blocks (True) or a Python loop (False).
+          config: the architecture.
           param_type: `nnx.Param` (trained) or `FrozenParam`.
           rngs: initialisation RNGs.
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown attention mode {mode!r}; known: {MODES}")
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        if taps is None:
-            taps = sorted({max(1, round(depth * i / 4)) for i in range(1, 5)})
-        taps = tuple(int(t) for t in taps)
-        if not taps or list(taps) != sorted(set(taps)) or taps[0] < 1 or taps[-1] > depth:
-            raise ValueError(f"taps {taps} must be ascending, unique depths in [1, {depth}]")
-        self.dim, self.depth, self.taps = dim, depth, taps
-        self.uv_attention, self.mode = uv_attention, mode
-        self.remat, self.dtype, self.scan = remat, dtype, scan
+        c = config
+        self.config = c
+        self.taps = c.tap_depths
         kw = dict(
-            uv_attention=uv_attention,
-            mode=mode,
-            mlp_ratio=mlp_ratio,
-            attention_config=attention_config,
-            dtype=dtype,
+            uv_attention=c.uv_attention,
+            mode=c.mode,
+            mlp_ratio=c.mlp_ratio,
+            attention_config=c.attention,
+            dtype=jnp.dtype(c.dtype),
             param_type=param_type,
         )
         self.tokens = make_param(
-            param_type, rngs, INIT_NORMAL, (num_tokens, dim), ("tokens", "embed")
+            param_type, rngs, INIT_NORMAL, (c.num_tokens, c.dim), ("tokens", "embed")
         )
         # Joint mode: the last block does not update F (LAM's context_pre_only).
-        n_body = depth - 1 if mode == "joint" else depth
+        n_body = c.depth - 1 if c.mode == "joint" else c.depth
         self.last = (
-            DualBranchBlock(dim, num_heads, update_context=False, rngs=rngs, **kw)
-            if n_body < depth
+            DualBranchBlock(c.dim, c.num_heads, update_context=False, rngs=rngs, **kw)
+            if n_body < c.depth
             else None
         )
 
         def make(r: nnx.Rngs) -> DualBranchBlock:
-            return DualBranchBlock(dim, num_heads, update_context=True, rngs=r, **kw)
+            return DualBranchBlock(c.dim, c.num_heads, update_context=True, rngs=r, **kw)
 
         if n_body == 0:
             self.blocks = None
-        elif scan:
+        elif c.scan:
 
             @nnx.split_rngs(splits=n_body)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -201,18 +226,18 @@ class UVTransformer(nnx.Module):
         else:
             self.blocks = nnx.List([make(rngs) for _ in range(n_body)])
         self.n_body = n_body
-        self.norm = LayerNorm(dim, 1e-6, param_type=param_type, rngs=rngs)
+        self.norm = LayerNorm(c.dim, 1e-6, param_type=param_type, rngs=rngs)
 
     def _block_fn(self) -> Callable[..., tuple]:
-        """`apply(block, (Z, F_s, F_uv), (m_s, m_uv))`, rematerialised per `self.remat`."""
-        policy = REMAT_POLICIES[self.remat]
+        """`apply(block, (Z, F_s, F_uv), (m_s, m_uv))`, rematerialised per the config's `remat`."""
+        remat, scan = self.config.remat, self.config.scan
 
         def apply(block: DualBranchBlock, carry: tuple, masks: tuple) -> tuple:
             z, f_s, f_uv = block(carry[0], carry[1], masks[0], carry[2], masks[1])
             return (z, f_s, f_uv)
 
-        if self.remat != "none":
-            apply = nnx.remat(apply, policy=policy, prevent_cse=not self.scan)
+        if remat != "none":
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
         return apply
 
     def __call__(
@@ -234,8 +259,9 @@ class UVTransformer(nnx.Module):
           One (B, Lz, D) float32 array per tap depth (in `taps` order), after the final
           LayerNorm.
         """
-        if f_s.ndim != 4 or f_s.shape[-1] != self.dim:
-            raise ValueError(f"f_s must be (B, N, P, {self.dim}), got {f_s.shape}")
+        dim = self.config.dim
+        if f_s.ndim != 4 or f_s.shape[-1] != dim:
+            raise ValueError(f"f_s must be (B, N, P, {dim}), got {f_s.shape}")
         b, n = f_s.shape[:2]
         if view_mask.shape != (b, n):
             raise ValueError(f"view_mask {view_mask.shape} must be (B, N) = {(b, n)}")
@@ -244,15 +270,15 @@ class UVTransformer(nnx.Module):
         def flatten(f: jax.Array) -> tuple[jax.Array, jax.Array]:
             p = f.shape[2]
             mask = jnp.repeat(view_mask, p, axis=1)  # (B, N * p), view-major like f
-            return f.reshape(b, n * p, self.dim).astype(jnp.float32), mask
+            return f.reshape(b, n * p, dim).astype(jnp.float32), mask
 
         xs, m_s = flatten(f_s)
-        if self.uv_attention:
+        if self.config.uv_attention:
             if f_uv is None or f_uv.ndim != 4 or f_uv.shape[:2] != (b, n):
                 shape = None if f_uv is None else f_uv.shape
                 raise ValueError(f"uv_attention needs f_uv (B={b}, N={n}, P', D), got {shape}")
-            if f_uv.shape[-1] != self.dim:
-                raise ValueError(f"f_uv width {f_uv.shape[-1]} != {self.dim}")
+            if f_uv.shape[-1] != dim:
+                raise ValueError(f"f_uv width {f_uv.shape[-1]} != {dim}")
             xuv, m_uv = flatten(f_uv)
         else:
             xuv, m_uv = None, None  # F_uv is ignored entirely
@@ -260,7 +286,7 @@ class UVTransformer(nnx.Module):
         carry, masks = (z, xs, xuv), (m_s, m_uv)
         apply = self._block_fn()
         outs: list[jax.Array] = []
-        if self.blocks is not None and self.scan:
+        if self.blocks is not None and self.config.scan:
 
             @nnx.scan(
                 in_axes=(0, nnx.Carry),

@@ -20,8 +20,11 @@ Output (`ViTOutput`): the final tokens after the final LayerNorm (cls, registers
 patch map), and for each requested block index the patch tokens as a (B, h, w, D)
 map, normed by the final LayerNorm by default (HF `*Backbone.feature_maps` with
 `apply_layernorm=True`, DINOv2's `get_intermediate_layers(norm=True)`), plus that
-layer's cls token. Block indices are 0-based block outputs (negative counts from
-the end), so HF backbone stage `k` (`out_indices=[k]`, k >= 1) is our layer `k - 1`.
+layer's cls token; `ViTOutput.taps` looks them up by block, so one pass can serve
+several consumers (the correspondence estimator and the dual encoder share one).
+Block indices are 0-based block outputs (negative counts from the end), so HF
+backbone stage `k` (`out_indices=[k]`, k >= 1) is our layer `k - 1`; `default_taps`
+spaces a consumer's taps evenly.
 With `norm_features=False` every tapped layer is raw; HF's DINOv3 backbone still
 norms its last stage in that case, DINOv2's `get_intermediate_layers(norm=False)`
 does not, and we follow the latter.
@@ -35,6 +38,7 @@ Weights: `param_type=FrozenParam` (default; pretrained, outside `wrt=nnx.Param`)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -61,6 +65,37 @@ def normalize_imagenet(images: jax.Array) -> jax.Array:
     mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
     std = jnp.asarray(IMAGENET_STD, images.dtype)
     return (images - mean) / std
+
+
+def vit_input(images: jax.Array, valid: jax.Array | None = None, *, frozen: bool) -> jax.Array:
+    """RGB images in [0, 1] -> the backbone's float32 input, as every consumer prepares it.
+
+    Images whose `valid` entry is False (padded views) are zeroed first, so whatever they
+    hold (NaN included) never reaches a weight or a gradient; then ImageNet normalisation.
+    For a frozen backbone the result is under `stop_gradient`: the ViT is a constant of
+    any gradient, and so are the pixels a consumer feeds elsewhere (the encoder's RGB
+    projection), so no gradient reaches the images either.
+
+    Args:
+      images: (..., H, W, 3) RGB in [0, 1].
+      valid: optional bool array of shape `...`, False for images to zero.
+      frozen: whether the backbone is frozen.
+
+    Returns:
+      (..., H, W, 3) float32.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if valid is not None:
+        images = jnp.where(jnp.asarray(valid, bool)[..., None, None, None], images, 0.0)
+    pixels = normalize_imagenet(images)
+    return jax.lax.stop_gradient(pixels) if frozen else pixels
+
+
+def default_taps(num_layers: int, num_levels: int = 4) -> tuple[int, ...]:
+    """Evenly spaced 0-based block indices ending at the last block (DPT's (2, 5, 8, 11) for 12)."""
+    if num_layers < 1 or num_levels < 1:
+        raise ValueError(f"need >= 1 layer and level, got {num_layers} and {num_levels}")
+    return tuple(max(0, round((i + 1) * num_layers / num_levels) - 1) for i in range(num_levels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +197,7 @@ class ViTOutput:
       patches: (B, h, w, D) final patch tokens.
       features: one (B, h, w, D) patch map per requested layer, in request order.
       feature_cls: the matching (B, D) cls tokens (normed like `features`).
+      layers: the requested layers, 0-based and non-negative, in request order (static).
     """
 
     tokens: jax.Array
@@ -170,6 +206,22 @@ class ViTOutput:
     patches: jax.Array
     features: tuple[jax.Array, ...]
     feature_cls: tuple[jax.Array, ...]
+    layers: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    def taps(self, layers: Sequence[int]) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """The patch maps and cls tokens of `layers` (0-based, non-negative), in that order.
+
+        Raises:
+          ValueError: if a layer was not requested from the pass that made this output.
+        """
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        missing = [i for i in layers if i not in index]
+        if missing:
+            raise ValueError(f"layers {missing} were not tapped (this pass tapped {self.layers})")
+        return (
+            tuple(self.features[index[i]] for i in layers),
+            tuple(self.feature_cls[index[i]] for i in layers),
+        )
 
 
 class ViT(nnx.Module):
@@ -260,7 +312,7 @@ class ViT(nnx.Module):
         for i in layers:
             if not -n <= i < n:
                 raise ValueError(f"layer index {i} out of range for {n} blocks")
-        return [i % n for i in layers]
+        return [int(i) % n for i in layers]
 
     def __call__(
         self,
@@ -322,6 +374,7 @@ class ViT(nnx.Module):
             patches=grid(tokens),
             features=tuple(grid(taps[i]) for i in ids),
             feature_cls=tuple(taps[i][:, 0] for i in ids),
+            layers=tuple(ids),
         )
         return jax.lax.stop_gradient(out) if self.stop_gradient else out
 
