@@ -1,6 +1,8 @@
 """Tile compositor: the torch mirror of gsplat's CUDA forward, our forward, our custom VJP and
 the independence of results from the traversal layout (lanes, block)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +136,29 @@ def test_vjp_matches_torch_autograd():
         ref = leaves[k].grad.numpy()
         rel = np.linalg.norm(np.asarray(g) - ref) / np.linalg.norm(ref)
         assert rel < 4e-6, (k, rel)  # measured at most 3.9e-7
+
+
+@pytest.mark.oracle
+def test_vectorised_torch_peer_matches_mirror():
+    """The benchmarks' vectorised torch compositor composites exactly what the loop mirror does."""
+    mirror = require_oracle("uika_jax.testing.gsplat_mirror")
+    w, h = 70, 45
+    torch, t, _ = _gsplat_inputs(random_scene(2, 400, w, h, 2), 3)
+    bg = torch.tensor(np.random.default_rng(6).uniform(0, 1, (2, 3)).astype(np.float32))
+    peer = functools.partial(mirror.composite_vectorised, max_elements=40_000)  # several groups
+    results = []
+    for fn in (mirror.composite, peer):
+        leaves = [
+            t[k].detach().clone().requires_grad_(True) for k in ("means2d", "conics", "col", "op")
+        ]
+        rc, ra = fn(*leaves, w, h, 16, t["offsets"], t["flat"], bg)
+        (rc.sum() + (rc * rc).sum() + ra.sum()).backward()
+        results.append([x.detach().numpy() for x in (rc, ra, *(x.grad for x in leaves))])
+    assert results[0][1].max() > 0.9998  # pixels stopped at T <= 1e-4: the stop rule is exercised
+    names = ("colour", "alpha", "means2d", "conics", "col", "op")
+    for name, ref, vectorised in zip(names, *results, strict=True):
+        rel = np.abs(vectorised - ref).max() / np.abs(ref).max()
+        assert rel < 2e-6, (name, rel)  # measured at most 1.9e-7
 
 
 def test_vjp_matches_finite_differences_float64():

@@ -10,10 +10,13 @@ the CUDA `rasterize_to_indices_in_range` and needs `nerfacc`. So:
   tile by tile, one Gaussian at a time, in torch ops; torch autograd through it
   gives reference gradients (gsplat's CUDA backward zeroes the sigma/opacity
   gradient where alpha is clamped to 0.999, as torch's clamp does);
+- `composite_vectorised`: the same compositing as batched torch ops (tiles
+  grouped by intersection count, padded, alpha for every slot x pixel, T by
+  a cumulative product): the peer a torch user would write, for benchmarks;
 - `render`: the whole pipeline (projection, gsplat's torch `_isect_tiles` /
-  `_isect_offset_encode`, `composite`), autograd-able.
+  `_isect_offset_encode`, then `composite` or another compositor), autograd-able.
 
-It is a correctness oracle, not a fast path: the compositor is a Python loop
+`composite` is the correctness oracle, not a fast path: it is a Python loop
 over every (tile, intersection).
 """
 
@@ -145,6 +148,7 @@ def render(
     tile_size=16,
     backgrounds=None,
     render_mode="RGB",
+    compositor=composite,
 ):
     """gsplat.rasterization (packed=False, opacity radius rule) on CPU, autograd-able.
 
@@ -161,6 +165,7 @@ def render(
       tile_size: tile side in pixels.
       backgrounds: (C, D) or None.
       render_mode: "RGB" or "RGB+D".
+      compositor: `composite` (the loop mirror) or `composite_vectorised`.
 
     Returns:
       (render (C, H, W, D'), alphas (C, H, W, 1), radii (C, N, 2), flatten_ids (n_isects,)).
@@ -183,6 +188,86 @@ def render(
         colors = torch.cat([colors, depths[..., None]], -1)
         if backgrounds is not None:
             backgrounds = torch.cat([backgrounds, torch.zeros(c, 1)], -1)
-    rc, ra = composite(means2d, conics, colors, op, width, height, tile_size, offsets, flat,
-                       backgrounds)  # fmt: skip
+    rc, ra = compositor(means2d, conics, colors, op, width, height, tile_size, offsets, flat,
+                        backgrounds)  # fmt: skip
     return rc, ra, radii, flat
+
+
+def composite_vectorised(
+    means2d,
+    conics,
+    colors,
+    opacities,
+    width,
+    height,
+    tile_size,
+    offsets,
+    flatten_ids,
+    backgrounds=None,
+    max_elements=1 << 24,
+):
+    """`composite` as batched torch ops: the vectorised peer of the benchmarks, autograd-able.
+
+    Tiles with intersections are sorted by count and taken in groups of at most
+    `max_elements` slot x pixel entries, each group padded to its longest
+    tile: alpha for every (tile, slot, pixel) at once, T as a cumulative product
+    over the slots, a slot used where the product up to and including it stays
+    above 1e-4 (gsplat's stop rule: once T (1 - alpha) <= 1e-4 the pixel stops).
+    Memory grows with the intersections times the tile's pixels (autograd keeps
+    each group's tensors for the backward pass).
+
+    Args and returns as `composite`; `max_elements` bounds one group's tensors.
+    """
+    n_cams = means2d.shape[0]
+    d = colors.shape[-1]
+    th, tw = offsets.shape[-2:]
+    n_pix = tile_size * tile_size
+    n_isects = flatten_ids.shape[0]
+    starts = offsets.reshape(-1).long()
+    counts = torch.diff(starts, append=torch.tensor([n_isects]))
+    m2, con = means2d.reshape(-1, 2), conics.reshape(-1, 3)
+    col, op = colors.reshape(-1, d), opacities.reshape(-1)
+    p = torch.arange(n_pix)
+    order = torch.argsort(counts, descending=True, stable=True)
+    busy = order[counts[order] > 0]
+    tiles, colour_parts, trans_parts = [], [], []
+    i = 0
+    while i < busy.shape[0]:
+        k = int(counts[busy[i]])
+        group = busy[i : i + max(1, max_elements // (k * n_pix))]
+        i += group.shape[0]
+        local = group % (th * tw)
+        px = ((local % tw) * tile_size)[:, None] + p % tile_size + 0.5
+        py = ((local // tw) * tile_size)[:, None] + p // tile_size + 0.5
+        slot = starts[group][:, None] + torch.arange(k)
+        listed = torch.arange(k) < counts[group][:, None]
+        g = flatten_ids[slot.clamp(max=max(n_isects - 1, 0))].long()
+        dx = m2[g][..., 0:1] - px[:, None, :].to(m2.dtype)
+        dy = m2[g][..., 1:2] - py[:, None, :].to(m2.dtype)
+        c = con[g]
+        sigma = 0.5 * (c[..., 0:1] * dx * dx + c[..., 2:3] * dy * dy) + c[..., 1:2] * dx * dy
+        alpha = torch.clamp(op[g][..., None] * torch.exp(-sigma), max=0.999)
+        keep = listed[..., None] & (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+        alpha = torch.where(keep, alpha, 0.0)
+        t_after = torch.cumprod(1.0 - alpha, dim=1)
+        t_before = torch.cat([torch.ones_like(t_after[:, :1]), t_after[:, :-1]], 1)
+        use = t_after > 1e-4
+        weight = torch.where(use, alpha * t_before, 0.0)
+        colour_parts.append(torch.einsum("tkp,tkd->tpd", weight, col[g]))
+        trans_parts.append(torch.prod(torch.where(use, 1.0 - alpha, 1.0), dim=1))
+        tiles.append(group)
+    colour = means2d.new_zeros(th * tw * n_cams, n_pix, d)
+    trans = means2d.new_ones(th * tw * n_cams, n_pix)
+    if tiles:
+        index = (torch.cat(tiles),)
+        colour = colour.index_put(index, torch.cat(colour_parts))
+        trans = trans.index_put(index, torch.cat(trans_parts))
+
+    def image(x):
+        x = x.reshape(n_cams, th, tw, tile_size, tile_size, *x.shape[2:]).transpose(2, 3)
+        return x.reshape(n_cams, th * tile_size, tw * tile_size, *x.shape[5:])[:, :height, :width]
+
+    render, t_final = image(colour), image(trans)[..., None]
+    if backgrounds is not None:
+        render = render + t_final * backgrounds[:, None, None, :]
+    return render, 1.0 - t_final
