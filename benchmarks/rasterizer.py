@@ -1,46 +1,55 @@
-"""Rasterizer speed and peak memory: ours (JAX, jitted) beside the torch gsplat mirror, on CPU.
+"""Rasterizer speed and memory on CPU: ours (JAX, jitted) beside a vectorised torch peer.
 
-    python benchmarks/rasterizer.py [--sizes 10000:256,10000:512,50000:256,50000:512,...]
-        [--backends reference] [--sort-keys exact] [--repeats 5] [--torch-repeats 3]
-        [--max-seconds 300]
+    python benchmarks/rasterizer.py [--sizes 10000:256,130000:512]
+        [--backends reference,pallas_triton_interpret] [--runs 7] [--no-torch]
 
 Each size is K:S: K Gaussians as surfels on a head-sized ellipsoid shell (thin
 axis along the normal, in-plane extent about the surface area per Gaussian, so
 tile intersections per Gaussian are like a fitted avatar's), one S x S camera
 framing it as in `uika_jax.render.camera.framing_camera`; fixed seeds.
 
-Every (size, implementation) runs in a fresh subprocess of this script, on this
-machine's CPU, in the same invocation:
+Implementations, all on this machine's CPU:
 
-- ours: `rasterization()` per backend and sort key, jitted, capacity from
-  `calibrate_capacity()` (headroom 1.1). "fwd" renders colours and alphas;
-  "f+b" is jax.grad of sum(colours) + sum(alphas) w.r.t. means, quats, scales,
-  opacities, colours. "bin" times `binning.bin_gaussians` alone (jitted, on
-  the projected Gaussians), "sort" the XLA sorts alone (jitted, on the real
-  keys; two stable uint32 sorts for "exact", one for "packed"), "sort %" is
-  sort / fwd.
-- torch: `uika_jax.testing.gsplat_mirror.render` (gsplat 1.5.3's torch
-  projection and tile intersection, and the torch mirror of its CUDA
-  compositor used by the parity tests; a Python loop over intersections),
-  with the same loss, backward by torch autograd. It is skipped ("n/a",
-  with the reason) where the last size it ran predicts (linearly in the
-  intersection count) more than --max-seconds or more than 80% of the
-  available memory, and killed past --max-seconds.
+- ours: `rasterization()` per backend (the first is the baseline of the
+  ratios), jitted, capacity from `calibrate_capacity()` (headroom 1.1).
+- torch: what a torch user would run: gsplat 1.5.3's torch projection and tile
+  intersection (`gsplat.cuda._torch_impl`) with a vectorised torch compositor
+  (`uika_jax.testing.gsplat_mirror.render` with `composite_vectorised`: tiles
+  grouped by intersection count and padded, alpha for every slot x pixel, T by
+  a cumulative product), backward by torch autograd; torch's default threads.
+  Skipped ("n/a") where its estimated memory exceeds 80% of what is available.
+  gsplat's torch `_isect_tiles` is a Python loop over Gaussians, so the table
+  adds "torch, isect reused": the same with that intersection computed once
+  before timing and reused (what a torch pipeline with a vectorised
+  intersection would at best take).
 
-Times are medians of wall milliseconds per call (ours after a warm-up call;
-compile time excluded). Peak memory, in MiB:
+"fwd" renders colours and alphas; "f+b" is the gradient of sum(colours) +
+sum(alphas) w.r.t. means, quats, scales, opacities and colours.
+
+Per size, one fresh process builds the scene once and runs every
+implementation on it, interleaved: after a warm-up call of each (compile time
+excluded), each of `--runs` rounds times one fwd and one f+b call of each
+implementation in turn, so that all see the same machine load. The table
+prints the median over rounds with the spread (min-max), and "x base": per
+round, the implementation's time over the baseline's (median and min-max; 3x
+means the baseline is 3 times faster).
+
+Peak memory, in MiB:
 
 - "xla": the compiled executable's own buffers from
   `jit(f).lower(...).compile().memory_analysis()`: arguments + outputs +
-  temporaries - aliased (what XLA's buffer assignment needs; ours only).
+  temporaries - aliased (ours only).
 - "rss": the growth of the process's resident set during one extra, untimed
   call over its value just before it (after `gc.collect()` and glibc's
   `malloc_trim(0)`, so that freed heap held by the allocator does not hide the
-  growth), sampled every 2 ms from /proc/self/statm by a thread. Inputs
-  already resident are not counted, nor pages of a buffer the call never touches.
-  Both implementations are measured this way.
+  growth), sampled every 2 ms from /proc/self/statm by a thread.
 
-Prints each row as it completes, then the whole table.
+"diff" is the largest absolute difference of the implementation's colours and
+alphas from the baseline's: every row renders the same image (torch differs by
+up to about 1e-3 where Gaussians at equal float32 depth are composited in
+another order; the shell scenes have a few thousand such ties).
+
+Prints each size's rows as they complete, then the whole table.
 """
 
 from __future__ import annotations
@@ -56,10 +65,15 @@ import threading
 import time
 
 import numpy as np
-from timing import median_ms
+from timing import spread, time_ms
 
 MIB = 2.0**20
 _LIBC = ctypes.CDLL("libc.so.6")
+TORCH = "torch vectorised"
+TORCH_REUSED = "torch, isect reused"
+# Peak bytes of the torch peer per (intersection x tile pixel), for the memory guard
+# (measured 65-90 on the 10K/256 and 130K/512 scenes, f+b).
+TORCH_BYTES_PER_ENTRY = 120
 
 
 # ---------------------------------------------------------------- scene
@@ -146,51 +160,6 @@ class PeakRSS:
         self.growth = self.peak - self.start
 
 
-# ---------------------------------------------------------------- ours
-
-
-def _sort_inputs(means2d, radii, depths, size, capacity):
-    """The unsorted keys `binning.bin_gaussians` sorts (same construction, one camera)."""
-    import jax
-    import jax.numpy as jnp
-
-    from uika_jax.render import binning
-
-    c, n = depths.shape
-    tiles_x, tiles_y = binning.tile_grid(size, size, 16)
-    n_tiles = tiles_x * tiles_y
-    lo, hi = binning.tile_rects(means2d, radii, 16, tiles_x, tiles_y)
-    span = hi - lo
-    counts = (span[..., 0] * span[..., 1]).reshape(-1)
-    ends = jnp.cumsum(counts)
-    starts = ends - counts
-    owner = jnp.zeros((capacity,), jnp.int32)
-    idx = jnp.arange(c * n, dtype=jnp.int32)
-    owner = owner.at[jnp.where(counts > 0, starts, capacity)].max(idx, mode="drop")
-    owner = jax.lax.cummax(owner)
-    slot = jnp.arange(capacity, dtype=jnp.int32)
-    used = slot < ends[-1]
-    local = slot - starts[owner]
-    lo_f, span_f = lo.reshape(-1, 2)[owner], span.reshape(-1, 2)[owner]
-    w = jnp.maximum(span_f[:, 0], 1)
-    tile = (owner // n) * n_tiles + (lo_f[:, 1] + local // w) * tiles_x + lo_f[:, 0] + local % w
-    tile_key = jnp.where(used, tile.astype(jnp.uint32), jnp.uint32(0xFFFFFFFF))
-    dkey = binning.depth_key(depths).reshape(-1)[owner]
-    tile_bits = int(c * n_tiles).bit_length()
-    packed = (tile_key << (32 - tile_bits)) | (dkey >> tile_bits)
-    packed = jnp.where(used, packed, jnp.uint32(0xFFFFFFFF))
-    return tile_key, dkey, packed, slot
-
-
-def _sort_only(tile_key, dkey, packed, slot, sort_key):
-    import jax
-
-    if sort_key == "exact":
-        _, perm = jax.lax.sort((dkey, slot), num_keys=1, is_stable=True)
-        return jax.lax.sort((tile_key[perm], perm), num_keys=1, is_stable=True)
-    return jax.lax.sort((packed, slot), num_keys=1, is_stable=True)
-
-
 def _xla_bytes(compiled) -> int:
     m = compiled.memory_analysis()
     return (
@@ -201,96 +170,119 @@ def _xla_bytes(compiled) -> int:
     )
 
 
-def worker_ours(n: int, size: int, backend: str, sort_key: str, repeats: int) -> dict:
-    import functools
+# ---------------------------------------------------------------- implementations
 
+
+def ours(backend: str, scene: dict, size: int) -> dict:
+    """Jitted forward and forward+backward of `rasterization()` with `backend`."""
     import jax
     import jax.numpy as jnp
 
-    from uika_jax.render import RasterConfig, binning, calibrate_capacity, rasterization
+    from uika_jax.render import RasterConfig, calibrate_capacity, rasterization
 
-    scene = [jnp.asarray(head_scene(n, size)[k]) for k in KEYS]
-    base = RasterConfig(backend=backend, sort_key=sort_key)
-    cfg = calibrate_capacity(*scene[:4], *scene[5:], size, size, headroom=1.1,
+    x = [jnp.asarray(scene[k]) for k in KEYS]
+    base = RasterConfig(backend=backend, warn_on_overflow=False)
+    cfg = calibrate_capacity(*x[:4], *x[5:], size, size, headroom=1.1,
                              with_tile_cap=backend != "reference", base=base)  # fmt: skip
 
-    def fwd(*x):
-        return rasterization(*x, size, size, config=cfg)[:2]
+    def render(*args):
+        return rasterization(*args, size, size, config=cfg)
 
-    def loss(*x):
-        r, a, _ = rasterization(*x, size, size, config=cfg)
-        return jnp.sum(r) + jnp.sum(a)
+    def loss(*args):
+        colours, alphas, _ = render(*args)
+        return jnp.sum(colours) + jnp.sum(alphas)
 
-    t0 = time.perf_counter()
-    fwd_c = jax.jit(fwd).lower(*scene).compile()
-    fb_c = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*scene).compile()
-    compile_s = time.perf_counter() - t0
-    out = {"compile_s": compile_s, "xla_fwd": _xla_bytes(fwd_c), "xla_fb": _xla_bytes(fb_c)}
-    out["fwd_ms"] = median_ms(lambda: jax.block_until_ready(fwd_c(*scene)), repeats)
-    out["fb_ms"] = median_ms(lambda: jax.block_until_ready(fb_c(*scene)), repeats)
-    with PeakRSS() as m:
-        jax.block_until_ready(fwd_c(*scene))
-    out["rss_fwd"] = m.growth
-    with PeakRSS() as m:
-        jax.block_until_ready(fb_c(*scene))
-    out["rss_fb"] = m.growth
-
-    meta = rasterization(*scene, size, size, config=cfg)[2]
-    out["isects"] = int(meta["n_isects"])
-    out["max_tile"] = int(meta["max_tile_count"])
-    proj = (meta["means2d"], meta["radii"], meta["depths"])
-    bin_fn = jax.jit(functools.partial(binning.bin_gaussians, width=size, height=size,
-                                       capacity=cfg.capacity, sort_key=sort_key))  # fmt: skip
-    out["bin_ms"] = median_ms(lambda: jax.block_until_ready(bin_fn(*proj)), repeats)
-    keys = jax.jit(_sort_inputs, static_argnums=(3, 4))(*proj, size, cfg.capacity)
-    sort_fn = jax.jit(functools.partial(_sort_only, sort_key=sort_key))
-    out["sort_ms"] = median_ms(lambda: jax.block_until_ready(sort_fn(*keys)), repeats)
-    return out
+    fwd = jax.jit(lambda *a: render(*a)[:2]).lower(*x).compile()
+    fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*x).compile()
+    meta = render(*x)[2]
+    return {
+        "fwd": lambda: jax.block_until_ready(fwd(*x)),
+        "fb": lambda: jax.block_until_ready(fb(*x)),
+        "image": lambda: [np.asarray(a) for a in fwd(*x)],
+        "xla_fwd": _xla_bytes(fwd),
+        "xla_fb": _xla_bytes(fb),
+        "isects": int(np.max(meta["n_isects"])),
+        "max_tile": int(np.max(meta["max_tile_count"])),
+    }
 
 
-# ---------------------------------------------------------------- torch mirror
+def torch_peer(scene: dict, size: int, reuse_intersections: bool) -> dict:
+    """Forward and forward+backward of gsplat's torch pipeline with the vectorised compositor.
 
-
-def worker_torch(n: int, size: int, repeats: int) -> dict:
+    With `reuse_intersections`, gsplat's tile intersection is computed once here
+    and reused by every call.
+    """
     import torch
 
     from uika_jax.testing import gsplat_mirror
 
-    scene = {k: torch.tensor(v) for k, v in head_scene(n, size).items()}
+    t = {k: torch.tensor(scene[k]) for k in KEYS}
+    isects = None
+    if reuse_intersections:
+        radii, means2d, depths, _ = gsplat_mirror.project(
+            *(t[k] for k in ("means", "quats", "scales", "opacities", "viewmats", "Ks")), size, size
+        )
+        isects = gsplat_mirror.intersect(means2d, radii, depths, size, size)
+
+    def render(leaves):
+        return gsplat_mirror.render(*leaves, t["viewmats"], t["Ks"], size, size,
+                                    compositor=gsplat_mirror.composite_vectorised,
+                                    intersections=isects)  # fmt: skip
 
     def fwd():
         with torch.no_grad():
-            return gsplat_mirror.render(*(scene[k] for k in KEYS), size, size)
+            return render([t[k] for k in KEYS[:5]])
 
     def fb():
-        leaves = [scene[k].clone().requires_grad_(True) for k in KEYS[:5]]
-        r, a, _, _ = gsplat_mirror.render(*leaves, scene["viewmats"], scene["Ks"], size, size)
-        (r.sum() + a.sum()).backward()
+        leaves = [t[k].clone().requires_grad_(True) for k in KEYS[:5]]
+        colours, alphas, _, _ = render(leaves)
+        (colours.sum() + alphas.sum()).backward()
         return [x.grad for x in leaves]
 
-    out = {"threads": torch.get_num_threads()}
-    out["isects"] = int(fwd()[3].shape[0])  # also the warm-up
-    out["fwd_ms"] = median_ms(fwd, repeats, warmup=0)
-    out["fb_ms"] = median_ms(fb, repeats, warmup=0)
-    with PeakRSS() as m:
-        fwd()
-    out["rss_fwd"] = m.growth
-    with PeakRSS() as m:
-        fb()
-    out["rss_fb"] = m.growth
+    return {"fwd": fwd, "fb": fb, "image": lambda: [x.numpy() for x in fwd()[:2]]}
+
+
+def worker(n: int, size: int, backends: list[str], with_torch: bool, runs: int) -> dict:
+    """Times every implementation on one scene, interleaved; returns the figures as a dict."""
+    scene = head_scene(n, size)
+    impls = {b: ours(b, scene, size) for b in backends}
+    base = impls[backends[0]]
+    out = {"isects": base["isects"], "max_tile": base["max_tile"], "skipped": {}}
+    if with_torch:
+        need = TORCH_BYTES_PER_ENTRY * base["isects"] * 256
+        if need > 0.8 * _available():
+            out["skipped"][TORCH] = f"needs about {need / 2**30:.1f} GiB"
+        else:
+            impls[TORCH] = torch_peer(scene, size, reuse_intersections=False)
+            impls[TORCH_REUSED] = torch_peer(scene, size, reuse_intersections=True)
+    reference = base["image"]()
+    rows = {}
+    for name, impl in impls.items():
+        impl["fwd"](), impl["fb"]()  # warm-up
+        image = impl["image"]()
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(image, reference, strict=True))
+        rows[name] = {"fwd_ms": [], "fb_ms": [], "diff": diff}
+        rows[name].update({k: impl[k] for k in ("xla_fwd", "xla_fb") if k in impl})
+    for _ in range(runs):
+        for name, impl in impls.items():
+            rows[name]["fwd_ms"].append(time_ms(impl["fwd"]))
+            rows[name]["fb_ms"].append(time_ms(impl["fb"]))
+    for name, impl in impls.items():
+        for key in ("fwd", "fb"):
+            with PeakRSS() as m:
+                impl[key]()
+            rows[name][f"rss_{key}"] = m.growth
+    out["rows"] = rows
     return out
 
 
 # ---------------------------------------------------------------- driver
 
 
-def _run_worker(argv: list[str], timeout: float) -> tuple[dict | None, str]:
+def _run_worker(argv: list[str]) -> tuple[dict | None, str]:
     """Runs this script as a worker in a fresh process; (result, "") or (None, reason)."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"killed after {timeout:.0f} s"
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
+                       capture_output=True, text=True)  # fmt: skip
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["?"])[-1][:80]
         why = "killed (out of memory?)" if p.returncode in (-9, 137) else tail
@@ -305,119 +297,69 @@ def _available() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _mib(x):
-    return f"{x / MIB:.0f}"
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / MIB:.0f}"
 
 
 HEADER = (
-    f"{'K':>7} {'size':>4} {'isects':>7} {'backend/key':>17} | "
-    f"{'fwd ms':>7} {'torch':>8} | {'f+b ms':>7} {'torch':>8} {'speedup':>7} | "
-    f"{'fwd MiB xla/rss':>15} {'torch':>6} | {'f+b MiB xla/rss':>15} {'torch':>6} | "
-    f"{'bin ms':>6} {'sort ms':>7} {'sort %':>6}"
+    f"{'K':>6} {'size':>4} {'isects':>7} {'impl':>23} | {'fwd ms':>17} {'x base':>20} | "
+    f"{'f+b ms':>19} {'x base':>20} | {'fwd MiB xla/rss':>15} {'f+b MiB':>9} | {'diff':>7}"
 )
 
 
-def _row(n, size, label, ours, theirs, why):
-    if theirs is None:
-        t_f = t_fb = speed = m_f = m_fb = "n/a"
-    else:
-        t_f, t_fb = f"{theirs['fwd_ms']:.0f}", f"{theirs['fb_ms']:.0f}"
-        speed = f"{theirs['fb_ms'] / ours['fb_ms']:.1f}x"
-        m_f, m_fb = _mib(theirs["rss_fwd"]), _mib(theirs["rss_fb"])
-    mem_f = f"{_mib(ours['xla_fwd'])}/{_mib(ours['rss_fwd'])}"
-    mem_fb = f"{_mib(ours['xla_fb'])}/{_mib(ours['rss_fb'])}"
-    share = 100 * ours["sort_ms"] / ours["fwd_ms"]
-    line = (
-        f"{n:>7} {size:>4} {ours['isects']:>7} {label:>17} | "
-        f"{ours['fwd_ms']:>7.0f} {t_f:>8} | {ours['fb_ms']:>7.0f} {t_fb:>8} {speed:>7} | "
-        f"{mem_f:>15} {m_f:>6} | {mem_fb:>15} {m_fb:>6} | "
-        f"{ours['bin_ms']:>6.0f} {ours['sort_ms']:>7.1f} {share:>5.1f}%"
-    )
-    if theirs is None:
-        line += f"  torch n/a: {why}"
-    elif theirs["isects"] != ours["isects"]:
-        line += f"  (torch mirror: {theirs['isects']} isects)"
-    return line
+def _rows(n: int, size: int, res: dict) -> list[str]:
+    rows, base = res["rows"], next(iter(res["rows"].values()))
+    lines = []
+    for name, r in rows.items():
+        ratio = {
+            k: [a / b for a, b in zip(r[k], base[k], strict=True)] for k in ("fwd_ms", "fb_ms")
+        }
+        memory = [_mib(r.get(k)) for k in ("xla_fwd", "rss_fwd", "xla_fb", "rss_fb")]
+        lines.append(
+            f"{n:>6} {size:>4} {res['isects']:>7} {name:>23} | "
+            f"{spread(r['fwd_ms']):>17} {spread(ratio['fwd_ms'], '.2f', 'x'):>20} | "
+            f"{spread(r['fb_ms']):>19} {spread(ratio['fb_ms'], '.2f', 'x'):>20} | "
+            f"{memory[0] + '/' + memory[1]:>15} {memory[2] + '/' + memory[3]:>9} | "
+            f"{r['diff']:>7.1e}"
+        )
+    for name, why in res["skipped"].items():
+        lines.append(f"{n:>6} {size:>4} {res['isects']:>7} {name:>23} | n/a: {why}")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sizes", default="10000:256,10000:512,50000:256,50000:512,130000:256,130000:512"
-    )
-    parser.add_argument("--backends", default="reference")
-    parser.add_argument("--sort-keys", default="exact")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--torch-repeats", type=int, default=3)
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=300.0,
-        help="torch mirror: skip a size predicted to take longer, kill past it",
-    )
-    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
-    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--backend", help=argparse.SUPPRESS)
-    parser.add_argument("--sort-key", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="10000:256,130000:512")
+    parser.add_argument("--backends", default="reference,pallas_triton_interpret")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch peer")
+    parser.add_argument("--worker", nargs=2, type=int, metavar=("K", "S"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    backends = args.backends.split(",")
 
-    if args.worker == "ours":
-        res = worker_ours(args.n, args.size, args.backend, args.sort_key, args.repeats)
-        print(json.dumps(res))
-        return
-    if args.worker == "torch":
-        print(json.dumps(worker_torch(args.n, args.size, args.torch_repeats)))
+    if args.worker:
+        n, size = args.worker
+        print(json.dumps(worker(n, size, backends, not args.no_torch, args.runs)))
         return
 
     import jax
+    import torch
 
-    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)  # fmt: skip
-    combos = [(b, k) for b in args.backends.split(",") for k in args.sort_keys.split(",")]
-    lines = []
-    seconds_per_isect = None  # torch mirror throughput, from the last size it ran
-    bytes_per_isect = 0.0
-    torch_threads = "?"
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
+    lines = []
     for spec in args.sizes.split(","):
         n, size = (int(x) for x in spec.split(":"))
-        ours = {}
-        for backend, key in combos:
-            argv = ["--worker", "ours", "--n", str(n), "--size", str(size), "--backend", backend,
-                    "--sort-key", key, "--repeats", str(args.repeats)]  # fmt: skip
-            res, why = _run_worker(argv, timeout=1e6)
-            if res is None:
-                print(f"{n:>7} {size:>4} {backend}/{key}: failed ({why})", flush=True)
-            ours[(backend, key)] = res
-        isects = next((r["isects"] for r in ours.values() if r), None)
-        calls = 2 * args.torch_repeats + 3  # fwd: warm-up + repeats + 1; f+b: repeats + 1
-        run_torch = seconds_per_isect is None or isects is None
-        if not run_torch:
-            est, est_mem = seconds_per_isect * isects * calls, bytes_per_isect * isects
-            theirs, why = None, f"est. {est:.0f} s, {est_mem / 2**30:.1f} GiB"
-            if est > args.max_seconds:
-                why += f" > --max-seconds {args.max_seconds:.0f}"
-            elif est_mem > 0.8 * _available():
-                why += f" > 80% of {_available() / 2**30:.1f} GiB available"
-            else:
-                run_torch = True
-        if run_torch:
-            argv = ["--worker", "torch", "--n", str(n), "--size", str(size),
-                    "--torch-repeats", str(args.torch_repeats)]  # fmt: skip
-            theirs, why = _run_worker(argv, timeout=args.max_seconds)
-            if theirs is not None:
-                torch_threads = theirs["threads"]
-                per_call = (theirs["fwd_ms"] + theirs["fb_ms"]) / 2e3
-                seconds_per_isect = per_call / max(theirs["isects"], 1)
-                bytes_per_isect = theirs["rss_fb"] / max(theirs["isects"], 1)
-        for (backend, key), res in ours.items():
-            if res is None:
-                continue
-            line = _row(n, size, f"{backend}/{key}", res, theirs, why)
-            print(line, flush=True)
-            lines.append(line)
-    print(f"\nload average {os.getloadavg()[0]:.1f} at end; torch threads: {torch_threads}\n")
+        argv = ["--worker", str(n), str(size), "--backends", args.backends,
+                "--runs", str(args.runs), *(["--no-torch"] if args.no_torch else [])]  # fmt: skip
+        res, why = _run_worker(argv)
+        new = _rows(n, size, res) if res else [f"{n:>6} {size:>4} failed: {why}"]
+        print("\n".join(new), flush=True)
+        lines += new
+    print(f"\nload average {os.getloadavg()[0]:.1f} at end; times are medians over --runs "
+          f"{args.runs} rounds with (min-max)\n")  # fmt: skip
     print(HEADER + "\n" + "-" * len(HEADER) + "\n" + "\n".join(lines))
 
 

@@ -13,8 +13,9 @@ the CUDA `rasterize_to_indices_in_range` and needs `nerfacc`. So:
 - `composite_vectorised`: the same compositing as batched torch ops (tiles
   grouped by intersection count, padded, alpha for every slot x pixel, T by
   a cumulative product): the peer a torch user would write, for benchmarks;
-- `render`: the whole pipeline (projection, gsplat's torch `_isect_tiles` /
-  `_isect_offset_encode`, then `composite` or another compositor), autograd-able.
+- `intersect`: gsplat's torch `_isect_tiles` / `_isect_offset_encode`;
+- `render`: the whole pipeline (projection, `intersect`, then `composite` or
+  another compositor), autograd-able.
 
 `composite` is the correctness oracle, not a fast path: it is a Python loop
 over every (tile, intersection).
@@ -149,6 +150,7 @@ def render(
     backgrounds=None,
     render_mode="RGB",
     compositor=composite,
+    intersections=None,
 ):
     """gsplat.rasterization (packed=False, opacity radius rule) on CPU, autograd-able.
 
@@ -166,6 +168,8 @@ def render(
       backgrounds: (C, D) or None.
       render_mode: "RGB" or "RGB+D".
       compositor: `composite` (the loop mirror) or `composite_vectorised`.
+      intersections: `intersect`'s result for these Gaussians and cameras, to reuse
+        (gsplat's torch intersection is a Python loop over Gaussians); None: computed.
 
     Returns:
       (render (C, H, W, D'), alphas (C, H, W, 1), radii (C, N, 2), flatten_ids (n_isects,)).
@@ -179,9 +183,9 @@ def render(
         means, covars, viewmats, Ks, width, height
     )
     c = means2d.shape[0]
-    tw, th = tile_grid(width, height, tile_size)
-    _tpg, isect_ids, flat = ti._isect_tiles(means2d, radii, depths, tile_size, tw, th)
-    offsets = ti._isect_offset_encode(isect_ids, c, tw, th)
+    if intersections is None:
+        intersections = intersect(means2d, radii, depths, width, height, tile_size)
+    offsets, flat = intersections
     op = opacities[None].expand(c, -1)
     colors = colors[None].expand(c, -1, -1)
     if render_mode == "RGB+D":
@@ -191,6 +195,13 @@ def render(
     rc, ra = compositor(means2d, conics, colors, op, width, height, tile_size, offsets, flat,
                         backgrounds)  # fmt: skip
     return rc, ra, radii, flat
+
+
+def intersect(means2d, radii, depths, width, height, tile_size=16):
+    """Tile intersection by gsplat's torch code: (offsets (C, tiles down, across), flatten_ids)."""
+    tw, th = tile_grid(width, height, tile_size)
+    _, isect_ids, flat = ti._isect_tiles(means2d, radii, depths, tile_size, tw, th)
+    return ti._isect_offset_encode(isect_ids, means2d.shape[0], tw, th), flat
 
 
 def composite_vectorised(
@@ -208,11 +219,12 @@ def composite_vectorised(
 ):
     """`composite` as batched torch ops: the vectorised peer of the benchmarks, autograd-able.
 
-    Tiles with intersections are sorted by count and taken in groups of at most
-    `max_elements` slot x pixel entries, each group padded to its longest
-    tile: alpha for every (tile, slot, pixel) at once, T as a cumulative product
-    over the slots, a slot used where the product up to and including it stays
-    above 1e-4 (gsplat's stop rule: once T (1 - alpha) <= 1e-4 the pixel stops).
+    Tiles with intersections are sorted by count and taken in groups of similar
+    counts (at most 25% padding) and at most `max_elements` slot x pixel
+    entries, each group padded to its longest tile: alpha for every (tile,
+    slot, pixel) at once, T as a cumulative product over the slots, a slot used
+    where the product up to and including it stays above 1e-4 (gsplat's stop
+    rule: once T (1 - alpha) <= 1e-4 the pixel stops).
     Memory grows with the intersections times the tile's pixels (autograd keeps
     each group's tensors for the backward pass).
 
@@ -233,8 +245,9 @@ def composite_vectorised(
     tiles, colour_parts, trans_parts = [], [], []
     i = 0
     while i < busy.shape[0]:
-        k = int(counts[busy[i]])
-        group = busy[i : i + max(1, max_elements // (k * n_pix))]
+        k = int(counts[busy[i]])  # the group's longest tile; the others pad up to it
+        similar = int((5 * counts[busy[i:]] >= 4 * k).sum())  # at most 25% padding
+        group = busy[i : i + min(similar, max(1, max_elements // (k * n_pix)))]
         i += group.shape[0]
         local = group % (th * tw)
         px = ((local % tw) * tile_size)[:, None] + p % tile_size + 0.5
