@@ -368,9 +368,16 @@ def _composite_bwd(trav, res, cts):
 
 _composite_tiles.defvjp(_composite_fwd, _composite_bwd)
 
-# Traversal defaults, tuned on a 2-core CPU (benchmarks/rasterizer.py scenes).
-LANES = 16
+# Traversal defaults, tuned on a 2-core CPU (benchmarks/rasterizer.py scenes): lanes
+# grow with the tile count (more work per step) within [MIN_LANES, MAX_LANES].
+TILES_PER_LANE = 16
+MIN_LANES, MAX_LANES = 16, 64
 BLOCK = 8
+
+
+def default_lanes(n_tiles: int) -> int:
+    """Lanes for `n_tiles` tiles (all cameras): one per `TILES_PER_LANE`, within bounds."""
+    return min(MAX_LANES, max(MIN_LANES, n_tiles // TILES_PER_LANE))
 
 
 def composite(
@@ -386,7 +393,7 @@ def composite(
     *,
     tile_size: int = 16,
     tile_cap: int | None = None,
-    lanes: int = LANES,
+    lanes: int | None = None,
     block: int = BLOCK,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Composites binned Gaussians front to back (reference backend), differentiable.
@@ -403,13 +410,15 @@ def composite(
       height: image height.
       tile_size: tile side in pixels.
       tile_cap: if given, at most this many slots per tile are composited.
-      lanes: tiles composited side by side (speed only: each tile's result is the same).
+      lanes: tiles composited side by side (speed only: each tile's result is the same);
+        None: `default_lanes` of the tile count.
       block: slots per tile and step (speed only: results equal up to float rounding).
 
     Returns:
       (colour sum_k c_k alpha_k T_k (C, H, W, D), T_final (C, H, W), truncated (C, H, W)
       bool: pixels still open when their tile's cap cut the list short).
     """
+    lanes = default_lanes(tile_count.shape[0]) if lanes is None else lanes
     if lanes < 1 or block < 1:
         raise ValueError(f"lanes and block must be positive, got {lanes} and {block}")
     limit = tile_count if tile_cap is None else jnp.minimum(tile_count, tile_cap)
