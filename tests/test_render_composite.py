@@ -47,7 +47,7 @@ def _gsplat_inputs(scene, d=3):
 
 @pytest.mark.oracle
 def test_torch_mirror_matches_bruteforce():
-    _, n, w, h, _ = BRUTEFORCE
+    _, _, w, h, _ = BRUTEFORCE
     torch, t = _gsplat_inputs(random_scene(*BRUTEFORCE))
     rc, ra = composite_torch(
         torch, t["means2d"], t["conics"], t["col"], t["op"], w, h, 16, t["offsets"], t["flat"]
