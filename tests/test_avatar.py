@@ -2,18 +2,20 @@
 
 Renders of the built-in synthetic head are the input; weights are NumPy noise (every
 weight nonzero, including the zero-initialised Gaussian attribute kernels, which at
-init pass no gradient to the layers before them).
+init pass no gradient to the layers before them). One compiled program runs the
+reference model (tiny with a frozen ViT) forward and differentiates the training
+objective's terms; several tests check its outputs.
 """
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from network_fixtures import FAST_COMPILE, noise_filled
 
 from uika_jax.config import load_config
 from uika_jax.head.anchors import anchor_attributes
@@ -24,10 +26,10 @@ from uika_jax.models.correspondence import correspondence_loss
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.gaussians import CanonicalGaussians, offset_regularizer
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-"""XLA CPU compile options for tests: a fraction of the default compile time, same maths."""
-
 CONFIG = load_config("configs/tiny.py")
+FROZEN = load_config("configs/tiny.py")
+FROZEN.model.vit.train = False
+"""The reference model's config: configs/tiny.py with a frozen ViT (FrozenParam weights)."""
 S = CONFIG.model.image_size
 B, N, F = 2, CONFIG.model.num_views, 2
 VIEW_MASK = np.array([[True, True, False], [True, True, True]])
@@ -41,21 +43,7 @@ def _head():
 
 def _model(config=CONFIG, seed=0) -> UIKA:
     """Built abstractly and filled with NumPy noise (fan-in scaled; norms and scales ~1)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name = jax.tree_util.keystr(path)
-        if x.ndim > 1:
-            std = 1.0 / math.sqrt(math.prod(x.shape[:-1]))
-            if "'blocks'" in name and "'transformer'" in name:  # stacked: fan-in per layer
-                std = 1.0 / math.sqrt(math.prod(x.shape[1:-1]))
-            return jnp.asarray(rng.normal(scale=std, size=x.shape).astype(np.float32))
-        variable = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        base = 1.0 if variable in ("scale", "gamma") else 0.0  # norm scales, LayerScale
-        return jnp.asarray((base + rng.normal(scale=0.1, size=x.shape)).astype(np.float32))
-
-    model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+    model = noise_filled(nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0))), seed)
     head = model.decoder.head
     head.scale.bias[...] += model.decoder.config.head.init_log_scale
     head.rotation.bias[...] += jnp.array([1.0, 0.0, 0.0, 0.0])
@@ -64,14 +52,12 @@ def _model(config=CONFIG, seed=0) -> UIKA:
 
 @functools.cache
 def _views():
-    """(B, N, S, S, ...) renders of the synthetic head: images, image UV, face masks."""
+    """(B, N, S, S, ...) shaded renders of the synthetic head: images, image UV, face masks."""
     from uika_jax.head.uv_raster import corner_image_uv
     from uika_jax.render import camera
     from uika_jax.render.mesh_render import render_mesh
-    from uika_jax.synthetic.albedo import synthetic_albedo
 
     head, _ = _head()
-    texture = synthetic_albedo(0, 64)
     v0 = np.asarray(head.v_template)
     centre = (v0.min(0) + v0.max(0)) / 2
     height = float(v0[:, 1].max() - v0[:, 1].min())
@@ -87,7 +73,6 @@ def _views():
                 S,
                 S,
                 corner_uv=corner_image_uv(head),
-                texture=texture,
                 background=1.0,
             )
         )
@@ -125,26 +110,52 @@ def _flame(seed=0, shape_scale=1.0, expression_scale=0.5, pose_scale=0.1, transl
     )
 
 
+TARGET = np.full((B, F, S, S, 3), 0.5, np.float32)
+"""The photometric loss's target images."""
+
+
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _pipeline(graphdef, state, images, view_mask, head, anchors, params, viewmats, Ks):
-    out = nnx.merge(graphdef, state)(images, view_mask, anchors)
-    posed = drive(head, anchors, out.gaussians, params)
-    rendered = render(posed, viewmats, Ks, S, S, background=(1.0, 1.0, 1.0))
-    return out, posed, rendered
+def _pipeline(graphdef, params, frozen, rest, images, view_mask, uv_gt, mask_gt, head, anchors):
+    """Reconstruct -> drive -> render, and the gradients of the training objective's terms.
+
+    Returns (out, posed, rendered) and, per term, the gradients with respect to
+    (params, frozen): the photometric loss (render L1) and the rest (correspondence
+    loss + offset regulariser). One reverse pass batched over the two terms.
+    """
+    flame = _flame(seed=2)
+    viewmats, Ks = _cameras()
+
+    def terms(params, frozen):
+        out = nnx.merge(graphdef, params, frozen, rest)(images, view_mask, anchors)
+        posed = drive(head, anchors, out.gaussians, flame)
+        rendered = render(posed, viewmats, Ks, S, S, background=(1.0, 1.0, 1.0))
+        photometric = jnp.mean(jnp.abs(rendered.images - TARGET))
+        corr, _ = correspondence_loss(out.correspondence, uv_gt, mask_gt, valid=view_mask)
+        regularised = corr + 0.1 * offset_regularizer(out.gaussians.offsets)
+        return (photometric, regularised), (out, posed, rendered)
+
+    grads, outputs = jax.jacrev(terms, argnums=(0, 1), has_aux=True)(params, frozen)
+    return outputs, grads
+
+
+def _run(model, images):
+    """The reference pipeline on `images` (the other inputs fixed)."""
+    _, uv_gt, mask_gt = _views()
+    head, anchors = _head()
+    graphdef, params, frozen, rest = nnx.split(model, nnx.Param, FrozenParam, ...)
+    return _pipeline(
+        graphdef, params, frozen, rest, images, VIEW_MASK, uv_gt, mask_gt, head, anchors
+    )
 
 
 @functools.cache
 def _reference_run():
-    model = _model()
-    images = _views()[0]
-    head, anchors = _head()
-    graphdef, state = nnx.split(model)
-    args = (head, anchors, _flame(), *_cameras())
-    return model, _pipeline(graphdef, state, images, VIEW_MASK, *args)
+    model = _model(FROZEN)
+    return model, *_run(model, _views()[0])
 
 
 def test_reconstruct_drive_render_shapes_and_finite():
-    _, (out, posed, rendered) = _reference_run()
+    _, (out, posed, rendered), _ = _reference_run()
     _, anchors = _head()
     k = anchors.num_anchors
     g = out.gaussians
@@ -165,27 +176,25 @@ def test_reconstruct_drive_render_shapes_and_finite():
 
 
 def test_padded_views_have_no_influence():
-    """Garbage (NaN, huge values) in a padded view leaves every output Gaussian unchanged."""
-    model, (out, _, _) = _reference_run()
+    """Garbage (NaN, huge values) in a padded view leaves every output Gaussian unchanged
+    and every gradient finite."""
+    model, (out, _, _), _ = _reference_run()
     images = _views()[0].copy()
     images[0, 2] = np.nan
     images[0, 2, ::2] = 1e6
     images[1, 0] += 0.25  # sample 1 changes: sample 0 must not
-    head, anchors = _head()
-    graphdef, state = nnx.split(model)
-    other, _, _ = _pipeline(
-        graphdef, state, images, VIEW_MASK, head, anchors, _flame(), *_cameras()
-    )
+    (other, _, _), grads = _run(model, images)
     for a, b in zip(jax.tree.leaves(out.gaussians), jax.tree.leaves(other.gaussians), strict=True):
         np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
     assert np.abs(np.asarray(other.gaussians.colors[1] - out.gaussians.colors[1])).max() > 0
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grads))
 
 
 def test_shared_backbone_pass_equals_separate_backbones():
     """One shared ViT pass = each stage running its own copy of the same ViT weights."""
-    model, (out, _, _) = _reference_run()
+    model, (out, _, _), _ = _reference_run()
     assert model.encoder.vit is model.correspondence.vit
-    config = load_config("configs/tiny.py")
+    config = FROZEN.copy_and_resolve_references()
     config.model.share_backbone = False
     separate = nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0)))
     assert separate.encoder.vit is not separate.correspondence.vit
@@ -206,48 +215,31 @@ def test_shared_backbone_pass_equals_separate_backbones():
 
 
 def test_gradients_reach_every_trainable_group_and_no_frozen_weight():
-    """A frozen ViT (configs/tiny.py with vit.train = False).
+    """The reference model: configs/tiny.py with a frozen ViT (vit.train = False).
 
     The training objective (render L1 + correspondence loss + offset regulariser) gives
     every nnx.Param a nonzero gradient; every FrozenParam gets exactly zero (its outputs
     pass through stop_gradient). The render loss alone does not reach the DPT: the UV
     it predicts enters the reconstruction under stop_gradient.
     """
-    config = load_config("configs/tiny.py")
-    config.model.vit.train = False
-    model = _model(config, seed=1)
+    model, _, ((g_render, g_frozen_render), (g_rest, g_frozen_rest)) = _reference_run()
     graphdef, params, frozen, rest = nnx.split(model, nnx.Param, FrozenParam, ...)
     assert jax.tree.leaves(frozen)
-    images, uv_gt, mask_gt = _views()
-    head, anchors = _head()
-    flame = _flame(seed=2)
-    viewmats, Ks = _cameras()
-    target = jnp.full((B, F, S, S, 3), 0.5)
-
-    def losses(params, frozen):
-        out = nnx.merge(graphdef, params, frozen, rest)(images, VIEW_MASK, anchors)
-        posed = drive(head, anchors, out.gaussians, flame)
-        rendered = render(posed, viewmats, Ks, S, S, background=(1.0, 1.0, 1.0))
-        photometric = jnp.mean(jnp.abs(rendered.images - target))
-        corr, _ = correspondence_loss(out.correspondence, uv_gt, mask_gt, valid=VIEW_MASK)
-        return photometric, corr + 0.1 * offset_regularizer(out.gaussians.offsets)
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def grads(params, frozen):
-        total = jax.grad(lambda p, f: sum(losses(p, f)), argnums=(0, 1))(params, frozen)
-        render_only = jax.grad(lambda p: losses(p, frozen)[0])(params)
-        return total, render_only
-
-    (g_params, g_frozen), g_render = grads(params, frozen)
-    leaves = jax.tree_util.tree_leaves_with_path(g_params)
+    leaves = jax.tree_util.tree_leaves_with_path(g_render)
     assert len(leaves) == len(jax.tree.leaves(params))
-    dead = [jax.tree_util.keystr(p) for p, x in leaves if not np.any(np.asarray(x))]
+    reached = jax.tree.map(
+        lambda a, b: np.any(np.asarray(a)) or np.any(np.asarray(b)), g_render, g_rest
+    )
+    dead = [
+        jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(reached) if not x
+    ]
     assert not dead, f"no gradient reaches {dead}"
-    assert all(np.all(np.isfinite(np.asarray(x))) for _, x in leaves)
-    for path, x in jax.tree_util.tree_leaves_with_path(g_frozen):
-        assert not np.any(np.asarray(x)), f"frozen {jax.tree_util.keystr(path)} got a gradient"
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((g_render, g_rest)))
+    for g_frozen in (g_frozen_render, g_frozen_rest):
+        for path, x in jax.tree_util.tree_leaves_with_path(g_frozen):
+            assert not np.any(np.asarray(x)), f"frozen {jax.tree_util.keystr(path)} got a gradient"
     dpt = nnx.state(nnx.merge(graphdef, g_render, frozen, rest).correspondence.dpt, nnx.Param)
-    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(dpt))
+    assert jax.tree.leaves(dpt) and not any(np.any(np.asarray(x)) for x in jax.tree.leaves(dpt))
 
 
 def _canonical(seed=0):
@@ -382,8 +374,7 @@ def test_separate_backbones_without_uv_attention_run():
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("share", [True, False])
-def test_load_backbone_fills_every_vit(share, tmp_path):
+def test_load_backbone_fills_every_vit(tmp_path):
     """HF DINOv3 weights (random-init transformers model) load into the shared or both ViTs."""
     from hf_vit_oracle import hf_model
 
@@ -392,22 +383,23 @@ def test_load_backbone_fills_every_vit(share, tmp_path):
     hf = hf_model("dinov3")
     hf.save_pretrained(tmp_path)
     c = hf.config
-    config = load_config("configs/tiny.py")
-    config.model.vit.overrides = dict(
-        hidden_size=c.hidden_size,
-        num_heads=c.num_attention_heads,
-        num_layers=c.num_hidden_layers,
-        mlp_dim=c.intermediate_size,
-        patch_size=c.patch_size,
-    )
-    config.model.vit.train = False
-    config.model.share_backbone = share
-    model = _model(config)
-    model.load_backbone(str(tmp_path))
     reference = jax.tree.leaves(nnx.state(load_hf_vit(tmp_path), FrozenParam))
-    for vit in (model.correspondence.vit, model.encoder.vit):
-        loaded = jax.tree.leaves(nnx.state(vit, FrozenParam))
-        assert len(loaded) == len(reference)
-        for a, b in zip(loaded, reference, strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert (model.encoder.vit is model.correspondence.vit) == share
+    for share in (True, False):
+        config = load_config("configs/tiny.py")
+        config.model.vit.overrides = dict(
+            hidden_size=c.hidden_size,
+            num_heads=c.num_attention_heads,
+            num_layers=c.num_hidden_layers,
+            mlp_dim=c.intermediate_size,
+            patch_size=c.patch_size,
+        )
+        config.model.vit.train = False
+        config.model.share_backbone = share
+        model = _model(config)
+        model.load_backbone(str(tmp_path))
+        for vit in (model.correspondence.vit, model.encoder.vit):
+            loaded = jax.tree.leaves(nnx.state(vit, FrozenParam))
+            assert len(loaded) == len(reference)
+            for a, b in zip(loaded, reference, strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert (model.encoder.vit is model.correspondence.vit) == share

@@ -2,6 +2,7 @@
 and a small overfit on renders of the built-in synthetic head."""
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from network_fixtures import FAST_COMPILE, fast_jit, noise_filled
 
 from uika_jax.models.correspondence import (
     SYNTHETIC_MIRROR_U,
@@ -44,7 +46,12 @@ def _rngs():
 @pytest.fixture(scope="module")
 def model():
     """A tiny estimator with a frozen random DINOv2-style backbone."""
-    return CorrespondenceEstimator(VIT, DPT, rngs=_rngs())
+    return noise_filled(nnx.eval_shape(lambda: CorrespondenceEstimator(VIT, DPT, rngs=_rngs())))
+
+
+def _uniform(seed, shape):
+    """Random images in [0, 1) from NumPy (no JAX random program to compile)."""
+    return jnp.asarray(np.random.default_rng(seed).random(shape, np.float32))
 
 
 def _render(yaw, beta_seed=None):
@@ -96,8 +103,8 @@ def test_synthetic_uv_layout_mirror_axis(renders):
 
 
 def test_output_shapes_and_ranges(model):
-    images = jax.random.uniform(jax.random.key(0), (2, 3, SIZE, SIZE, 3))
-    out, flat = nnx.jit(lambda m, x: (m(x), m(x.reshape(6, SIZE, SIZE, 3))))(model, images)
+    images = _uniform(0, (2, 3, SIZE, SIZE, 3))
+    out, flat = fast_jit(lambda m, x: (m(x), m(x.reshape(6, SIZE, SIZE, 3))))(model, images)
     assert out.uv.shape == (2, 3, SIZE, SIZE, 2)
     assert out.face_prob.shape == out.face_logit.shape == (2, 3, SIZE, SIZE, 1)
     for a in (out.uv, out.face_prob):
@@ -110,11 +117,11 @@ def test_output_shapes_and_ranges(model):
 
 def test_view_mask_and_shared_backbone_pass(model):
     """Padded views are black images; a shared ViT pass with more taps gives the same output."""
-    images = jax.random.uniform(jax.random.key(2), (2, 2, SIZE, SIZE, 3))
+    images = _uniform(2, (2, 2, SIZE, SIZE, 3))
     images = images.at[1, 0].set(jnp.nan)  # a padded view may hold anything
     view_mask = jnp.array([[True, True], [False, True]])
 
-    @nnx.jit
+    @fast_jit
     def run(m, images, view_mask):
         shared = m.backbone(images, view_mask, extra_layers=(0, -1))
         black = jnp.where(view_mask[..., None, None, None], images, 0.0)
@@ -196,7 +203,7 @@ def _loss(model, images, uv, mask):
 def test_gradients_reach_every_dpt_param_and_skip_the_frozen_vit(model, renders):
     images, uv, mask = renders
     images, uv, mask = images[:2], uv[:2], mask[:2]
-    grad_fn = nnx.jit(nnx.grad(_loss, argnums=(nnx.DiffState(0, nnx.Param), 1)))
+    grad_fn = fast_jit(nnx.grad(_loss, argnums=(nnx.DiffState(0, nnx.Param), 1)))
     grads, d_images = grad_fn(model, images, uv, mask)
     leaves = nnx.to_flat_state(grads)
     assert not any(isinstance(v, FrozenParam) for _, v in leaves)
@@ -220,16 +227,13 @@ def test_train_backbone_switch():
 
 
 def test_flip_averaged_is_mirror_equivariant(model):
-    images = jax.random.uniform(jax.random.key(1), (2, SIZE, SIZE, 3))
+    images = _uniform(1, (2, SIZE, SIZE, 3))
     c = 0.52
-    run = nnx.jit(
-        lambda m, x: (
-            flip_averaged(m, x, mirror_u=c),
-            flip_averaged(m, x[:, :, ::-1], mirror_u=c),
-            m(x),
-        )
-    )
-    out, out_flipped, plain = run(model, images)
+    # the images and their flips in one batch: (2, 2, H, W, 3)
+    both = jnp.stack([images, images[:, :, ::-1]])
+    run = fast_jit(lambda m, x: (flip_averaged(m, x, mirror_u=c), m(x[0])))
+    averaged, plain = run(model, both)
+    out, out_flipped = (jax.tree.map(lambda t, i=i: t[i], averaged) for i in (0, 1))
     back = out_flipped.uv[:, :, ::-1]
     back = jnp.concatenate([2 * c - back[..., :1], back[..., 1:]], -1)
     np.testing.assert_allclose(back, out.uv, atol=1e-5)
@@ -253,7 +257,8 @@ def test_bad_configs_and_inputs(model):
 
 
 def test_overfit_synthetic_renders(model, renders):
-    """Adam on 4 renders with the backbone frozen: the loss drops well below half."""
+    """Adam on 4 renders with the backbone frozen: within 40 steps the loss drops below half
+    (measured: to about a quarter)."""
     images, uv, mask = renders
     assert 0.1 < float(mask.mean()) < 0.6
     graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)
@@ -262,7 +267,7 @@ def test_overfit_synthetic_renders(model, renders):
     def loss_fn(p):
         return correspondence_loss(nnx.merge(graphdef, p, rest)(images), uv, mask)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def step(p, opt_state):
         (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
         updates, opt_state = tx.update(g, opt_state, p)
@@ -271,7 +276,7 @@ def test_overfit_synthetic_renders(model, renders):
     # A Python loop over a jitted step: XLA:CPU runs a lax.scan of this body ~10x slower.
     start = time.perf_counter()
     opt_state, history = tx.init(params), []
-    for _ in range(120):
+    for _ in range(40):
         params, opt_state, loss, uv_l1 = step(params, opt_state)
         history.append((loss, uv_l1))
     losses, uv_l1 = np.asarray(jax.device_get(history)).T

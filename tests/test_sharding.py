@@ -13,7 +13,6 @@ abstractly (nothing allocated), applies the config's shardings on a 2 x 2 x 2
 the reconstructed Gaussians, and prints `compiled.memory_analysis()` per device.
 """
 
-import functools
 import math
 import time
 
@@ -23,25 +22,15 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from network_fixtures import FAST_COMPILE, ROOT, abstract_uika
 
 from uika_jax import sharding
 from uika_jax.config import load_config
 from uika_jax.head.anchors import Anchors
-from uika_jax.models.avatar import UIKA
+from uika_jax.models.summary import abstract_model
 
 LARGE = 1 << 20
 """Weights with at least this many elements must be sharded."""
-
-
-def _abstract(config):
-    return nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0)))
-
-
-@functools.cache
-def _abstract_from(spec):
-    """The abstract model of a config file (cached: the paper's takes seconds to trace)."""
-    config = load_config(spec)
-    return config, _abstract(config)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +38,7 @@ def _abstract_from(spec):
     ["configs/default.py", "configs/tiny.py"],
 )
 def test_rules_cover_every_logical_axis(spec):
-    config, model = _abstract_from(spec)
+    config, model = abstract_uika(spec)
     state = nnx.state(model)
     rules = sharding.logical_rules(config)
     sharding.check_rules(state, rules)  # raises on a missing name
@@ -89,7 +78,7 @@ def test_make_mesh_and_fit_spec():
 
 
 def _reduced_paper_config():
-    config = load_config("configs/default.py")
+    config = load_config(ROOT / "configs/default.py")
     config.model.vit.overrides = {"num_layers": 4}
     config.model.transformer.depth = 4
     config.model.num_views = 2
@@ -100,7 +89,7 @@ def test_paper_width_forward_backward_compiles_sharded():
     config = _reduced_paper_config()
     mesh = sharding.make_mesh((2, 2, 2))
     rules = sharding.logical_rules(config)
-    graphdef, params, rest = nnx.split(_abstract(config), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
     param_shardings = sharding.state_shardings(params, mesh, rules)
     rest_shardings = sharding.state_shardings(rest, mesh, rules)
 
@@ -144,7 +133,11 @@ def test_paper_width_forward_backward_compiles_sharded():
         face = out.correspondence.face_logit
         return sum(jnp.mean(jnp.square(x)) for x in terms) + jnp.mean(jnp.square(face))
 
-    step = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(replicate, param_shardings))
+    step = jax.jit(
+        jax.value_and_grad(loss_fn),
+        out_shardings=(replicate, param_shardings),
+        compiler_options=FAST_COMPILE,
+    )
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = step.lower(
@@ -182,7 +175,7 @@ def test_paper_width_forward_backward_compiles_sharded():
 
 def test_paper_config_traces_at_full_size():
     """configs/default.py as is (bfloat16, 24 + 12 blocks, N = 16 views of 512^2, K = 130K)."""
-    config, model = _abstract_from("configs/default.py")
+    config, model = abstract_uika("configs/default.py")
     graphdef, state = nnx.split(model)
     sds = jax.ShapeDtypeStruct
     k, n, s = 130_000, config.model.num_views, config.model.image_size
