@@ -2,26 +2,25 @@
 
 README.md holds a table `| config | trainable | frozen |` with one row per config
 (`default`, `tiny`), numbers with thousands separators as the summary prints them;
-the counts are computed abstractly (`nnx.eval_shape`) and must equal the table's.
+the counts are computed abstractly (`summary.abstract_model`) and must equal the table's.
 """
 
 import functools
 import re
-from pathlib import Path
 
 import pytest
+from network_fixtures import ROOT, abstract_uika
 
 from uika_jax.config import load_config
-from uika_jax.models.summary import abstract_model, count_parameters, main
+from uika_jax.models.summary import count_parameters, main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 CONFIGS = {"default": "configs/default.py", "tiny": "configs/tiny.py"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
 def _counts(name):
-    return count_parameters(abstract_model(load_config(ROOT / CONFIGS[name])))
+    return count_parameters(abstract_uika(CONFIGS[name])[1])
 
 
 def _readme_table() -> dict[str, tuple[int, int]]:

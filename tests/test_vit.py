@@ -7,6 +7,7 @@ import pytest
 from conftest import require_oracle
 from flax import nnx
 from hf_vit_oracle import CASES, final_norm, hf_config, hf_model, images, run_hf
+from network_fixtures import fast_jit, noise_filled
 
 from uika_jax.convert.hf_vit import load_hf_vit, vit_config_from_hf
 from uika_jax.models import vit_layers
@@ -35,7 +36,10 @@ def test_parity_with_hf_model(case, tmp_path):
     x = images(case)
     n = hf.config.num_hidden_layers
     layers = tuple(range(n))
-    out = jax.jit(lambda x: ours(x, layers=layers))(jnp.asarray(x))
+    forward = fast_jit(
+        lambda m, x: (m(x, layers=layers), m(x, layers=(0,), norm_features=False).features[0])
+    )
+    out, raw = forward(ours, jnp.asarray(x))
     ref = run_hf(hf, x, output_hidden_states=True)
     r = ours.config.num_register_tokens
     gh, gw = (s // ours.config.patch_size for s in x.shape[1:3])
@@ -54,7 +58,6 @@ def test_parity_with_hf_model(case, tmp_path):
         assert feat.shape == (2, gh, gw, 64)
         assert _err(feat, hs[:, 1 + r :].reshape(2, gh, gw, 64)) < TOL
         assert _err(cls, hs[:, 0]) < TOL
-    raw = ours(jnp.asarray(x), layers=(0,), norm_features=False).features[0]
     assert _err(raw, ref.hidden_states[1].numpy()[:, 1 + r :].reshape(raw.shape)) < TOL
 
 
@@ -73,7 +76,9 @@ def test_feature_maps_match_hf_backbone(case, backbone, apply_layernorm, tmp_pat
     ours = _load(hf, tmp_path)
     x = images(case, size=(64 if case == "dinov3" else 56, 32 if case == "dinov3" else 70))
     ref = run_hf(hf, x).feature_maps
-    out = ours(jnp.asarray(x), layers=(0, -1), norm_features=apply_layernorm)
+    out = fast_jit(lambda m, x: m(x, layers=(0, -1), norm_features=apply_layernorm))(
+        ours, jnp.asarray(x)
+    )
     for i, (feat, fmap) in enumerate(zip(out.features, ref, strict=True)):
         fmap = fmap.permute(0, 2, 3, 1).numpy()
         if case == "dinov3" and not apply_layernorm and i == 1:
@@ -117,13 +122,16 @@ def test_patch_mask_matches_hf_bool_masked_pos(case, tmp_path):
     gh, gw = (s // ours.config.patch_size for s in x.shape[1:3])
     mask = np.random.RandomState(2).rand(2, gh, gw) < 0.5
     ref = run_hf(hf, x, bool_masked_pos=torch.from_numpy(mask.reshape(2, -1)))
-    out = ours(jnp.asarray(x), patch_mask=jnp.asarray(mask))
+    out = fast_jit(lambda m, x, mask: m(x, patch_mask=mask))(ours, jnp.asarray(x), mask)
     assert _err(out.tokens, ref.last_hidden_state.numpy()) < TOL
 
 
 def _tiny(param_type=FrozenParam, **kw):
+    """A 2-block DINOv3-style ViT of width 32; the same NumPy weights whatever the options."""
     cfg = ViTConfig.dinov3("s", hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
-    return ViT(cfg, param_type=param_type, rngs=nnx.Rngs(0), **kw)
+    return noise_filled(
+        nnx.eval_shape(lambda: ViT(cfg, param_type=param_type, rngs=nnx.Rngs(0), **kw))
+    )
 
 
 def test_frozen_weights_get_no_gradient_but_input_does():
@@ -136,11 +144,12 @@ def test_frozen_weights_get_no_gradient_but_input_does():
         out = m(x, layers=(0,))
         return jnp.sum(out.patches**2) + jnp.sum(out.features[0])
 
-    grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param)))(model, x)
+    grads = fast_jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param)))(model, x)
     assert not jax.tree.leaves(grads)
-    gx = nnx.jit(jax.grad(loss, argnums=1))(model, x)
+    input_grad = fast_jit(jax.grad(loss, argnums=1))
+    gx = input_grad(model, x)
     assert gx.shape == x.shape and float(jnp.abs(gx).max()) > 0
-    gx = nnx.jit(jax.grad(loss, argnums=1))(_tiny(stop_gradient=True), x)
+    gx = input_grad(_tiny(stop_gradient=True), x)
     assert float(jnp.abs(gx).max()) == 0.0
 
 
@@ -148,9 +157,8 @@ def test_trainable_from_scratch():
     model = _tiny(param_type=nnx.Param)
     assert not nnx.state(model, FrozenParam)
     x = jnp.asarray(images("dinov3", batch=1))
-    grads = nnx.grad(lambda m: jnp.sum(m(x).patches ** 2), argnums=nnx.DiffState(0, nnx.Param))(
-        model
-    )
+    loss = lambda m, x: jnp.sum(m(x).patches ** 2)  # noqa: E731
+    grads = fast_jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param)))(model, x)
     flat = dict(nnx.to_flat_state(grads))
     assert float(jnp.abs(flat[("blocks", 0, "attn", "q", "kernel")][...]).max()) > 0
 
@@ -234,8 +242,9 @@ def test_bad_inputs_are_refused():
 
 def test_bfloat16_compute_is_close_to_float32():
     x = jnp.asarray(images("dinov3", batch=1))
-    ref = _tiny()(x).patches
-    out = _tiny(dtype=jnp.bfloat16)(x).patches
+    patches = fast_jit(lambda m, x: m(x).patches)
+    ref = patches(_tiny(), x)
+    out = patches(_tiny(dtype=jnp.bfloat16), x)
     assert out.dtype == jnp.bfloat16
     assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) < 0.1
 
@@ -259,11 +268,11 @@ def test_default_taps():
 def test_taps_look_up_layers_of_one_pass():
     """`ViTOutput.taps` returns each requested block's map, whatever the pass's tap order."""
     model = _tiny()
-    x = jax.random.normal(jax.random.key(3), (1, 32, 32, 3))
-    out = model(x, layers=(-1, 0))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 32, 32, 3)), jnp.float32)
+    out, first = fast_jit(lambda m, x: (m(x, layers=(-1, 0)), m(x, layers=(0,))))(model, x)
     assert out.layers == (model.config.num_layers - 1, 0)
     maps, cls = out.taps((0,))
-    np.testing.assert_array_equal(maps[0], model(x, layers=(0,)).features[0])
+    np.testing.assert_array_equal(maps[0], first.features[0])
     np.testing.assert_array_equal(cls[0], out.feature_cls[1])
     with pytest.raises(ValueError, match="not tapped"):
         model(x, layers=(1,)).taps((0,))
