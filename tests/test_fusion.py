@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from network_fixtures import fast_jit, noise_filled
 
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.fusion import DualEncoder, FusionConfig
@@ -37,13 +38,14 @@ def _encoder(**kw):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return _encoder()
+    """The encoder with NumPy weights (no init programs to compile)."""
+    return noise_filled(nnx.eval_shape(_encoder))
 
 
 def _inputs(seed, b, n, uv_side=UV_IN):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    images = jax.random.uniform(k1, (b, n, IMAGE, IMAGE, 3))
-    uv_maps = jax.random.uniform(k2, (b, n, uv_side, uv_side, 3))
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.random((b, n, IMAGE, IMAGE, 3), np.float32))
+    uv_maps = jnp.asarray(rng.random((b, n, uv_side, uv_side, 3), np.float32))
     return images, uv_maps
 
 
@@ -92,7 +94,7 @@ def test_shapes_and_view_masks(encoder, n):
     view_mask[1, -1] = False  # with n = 1, a sample without any valid view
     uv_at_size = jax.image.resize(uv_maps, (2, n, UV, UV, 3), "linear")
     # a UV map given at the ViT side is used as is
-    out, same = nnx.jit(lambda m, a, b, c, v: (m(a, b, v), m(a, c, v)))(
+    out, same = fast_jit(lambda m, a, b, c, v: (m(a, b, v), m(a, c, v)))(
         encoder, images, uv_maps, uv_at_size, view_mask
     )
     p, p_uv = (IMAGE // 16) ** 2, (UV // 16) ** 2
@@ -108,7 +110,7 @@ def test_shapes_and_view_masks(encoder, n):
 def test_padded_views_change_no_valid_token(encoder):
     images, uv_maps = _inputs(7, 2, 3)
     view_mask = jnp.array([[True, False, True], [True, True, False]])
-    fn = nnx.jit(lambda m, *a: m(*a))
+    fn = fast_jit(lambda m, *a: m(*a))
     out = fn(encoder, images, uv_maps, view_mask)
     garbage = jnp.where(~view_mask[:, :, None, None, None], jnp.nan, images)
     uv_garbage = jnp.where(~view_mask[:, :, None, None, None], 5.0, uv_maps)
@@ -120,7 +122,7 @@ def test_padded_views_change_no_valid_token(encoder):
     diff = np.abs(np.asarray(moved.screen - out.screen)).max(axis=(2, 3))
     assert diff[0, 2] > 0 and np.all(np.delete(diff.reshape(-1), 2) == 0)
     # and NaN in a padded view never reaches a gradient
-    grads = nnx.jit(nnx.grad(lambda m: _loss(m(garbage, uv_garbage, view_mask))))(encoder)
+    grads = fast_jit(nnx.grad(lambda m, *a: _loss(m(*a))))(encoder, garbage, uv_garbage, view_mask)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
@@ -198,16 +200,19 @@ def test_gradient_hlo_has_no_vit_backward():
     product; the same model with `train_backbone=True` shows that the check sees
     it. The gradient pytree holds only the fusion CNNs' `nnx.Param`s.
     """
-    full, cnns, vit = _hlo_counts(_encoder())
+    full, cnns, vit = _hlo_counts(nnx.eval_shape(_encoder))
     assert vit["dot_general"] > 0 and cnns["convolution"] > 0
     for op in full:
         assert full[op] == cnns[op] + vit[op], (op, full, cnns, vit)
-    trainable_full, trainable_cnns, trainable_vit = _hlo_counts(_encoder(train_backbone=True))
+    trainable = nnx.eval_shape(lambda: _encoder(train_backbone=True))
+    trainable_full, trainable_cnns, trainable_vit = _hlo_counts(trainable)
     assert (
         trainable_full["dot_general"]
         > trainable_cnns["dot_general"] + 2 * trainable_vit["dot_general"]
     )
-    grads = nnx.jit(nnx.grad(lambda m: _loss(m(*_inputs(0, 1, 1)))))(_encoder())
+    grads = nnx.eval_shape(
+        nnx.grad(lambda m: _loss(m(*_inputs(0, 1, 1)))), nnx.eval_shape(_encoder)
+    )
     assert {str(p[0]) for p, _ in nnx.to_flat_state(grads)} == {"screen_cnn", "uv_cnn"}
 
 
@@ -229,17 +234,18 @@ def test_shared_screen_pass_and_no_uv_stream(encoder):
     """A given screen ViT pass replaces the encoder's own; without UV maps no UV stream runs."""
     images, uv_maps = _inputs(5, 2, 2)
     view_mask = jnp.array([[True, False], [True, True]])
-    pixels = vit_input(images, view_mask, frozen=True).reshape(4, IMAGE, IMAGE, 3)
 
-    @nnx.jit
-    def run(m, images, uv_maps, view_mask, pixels):
+    @fast_jit
+    def run(m, images, uv_maps, view_mask):
+        pixels = vit_input(images, view_mask, frozen=True).reshape(4, IMAGE, IMAGE, 3)
         shared = m.vit(pixels, layers=(1, 0, 1))  # more taps, any order
         return m(images, uv_maps, view_mask), m(images, None, view_mask, screen_backbone=shared)
 
-    own, given = run(encoder, images, uv_maps, view_mask, pixels)
+    own, given = run(encoder, images, uv_maps, view_mask)
     np.testing.assert_array_equal(np.asarray(given.screen), np.asarray(own.screen))
     assert given.uv is None
     # a pass that lacks a tapped layer is refused
+    pixels = jax.ShapeDtypeStruct((4, IMAGE, IMAGE, 3), jnp.float32)
     partial = jax.eval_shape(lambda p: encoder.vit(p, layers=(0,)), pixels)
     with pytest.raises(ValueError, match="not tapped"):
         jax.eval_shape(lambda x: encoder(x, None, view_mask, screen_backbone=partial), images)
