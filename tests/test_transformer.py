@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from network_fixtures import FAST_COMPILE
 
 from uika_jax.models.attention import AttentionConfig
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.transformer import UVTransformer, UVTransformerConfig
 
 D, HEADS, LZ, N, P, PUV = 32, 4, 16, 3, 6, 5
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-"""XLA CPU compile options for tests: a third of the default compile time, same maths."""
 
 
 def random_params(abstract_model: nnx.Module, seed: int) -> nnx.Module:
