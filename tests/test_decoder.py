@@ -10,14 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from network_fixtures import FAST_COMPILE
 
 from uika_jax.head.anchors import Anchors, make_anchors
 from uika_jax.models.decoder import UVDecoder, UVDecoderConfig
 from uika_jax.models.gaussians import GaussianHead, GaussianHeadConfig, offset_regularizer
 from uika_jax.synthetic.head import synthetic_head_model
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-"""XLA CPU compile options for tests: a fraction of the default compile time, same maths."""
 
 B, D, SIDE, MAP, K = 2, 32, 4, 16, 50
 TINY = UVDecoderConfig(
@@ -75,12 +73,12 @@ def _forward(model, tokens, i_aggr=None, gamma=None):
 
 def _inputs(seed: int = 0):
     """Tokens, I_aggr and gamma with about a third of the texels unobserved (gamma = 0)."""
-    keys = jax.random.split(jax.random.key(seed), 7)
-    tokens = [jax.random.normal(keys[i], (B, SIDE * SIDE, D)) for i in range(4)]
-    i_aggr = jax.random.uniform(keys[4], (B, MAP, MAP, 3))
-    observed = jax.random.uniform(keys[5], (B, MAP, MAP, 1)) > 0.35
-    gamma = jnp.where(observed, jax.random.uniform(keys[6], (B, MAP, MAP, 1), minval=0.1), 0.0)
-    return tokens, i_aggr * observed, gamma
+    rng = np.random.default_rng(seed)
+    tokens = [jnp.asarray(rng.normal(size=(B, SIDE * SIDE, D)), jnp.float32) for _ in range(4)]
+    i_aggr = rng.random((B, MAP, MAP, 3), np.float32)
+    observed = rng.random((B, MAP, MAP, 1)) > 0.35
+    gamma = np.where(observed, rng.uniform(0.1, 1.0, (B, MAP, MAP, 1)), 0.0).astype(np.float32)
+    return tokens, jnp.asarray(i_aggr * observed), jnp.asarray(gamma)
 
 
 def _at_texels(maps):
@@ -91,9 +89,10 @@ def _at_texels(maps):
 def test_head_init_matches_lam():
     """Zero kernels + LAM's biases: opacity 0.1, identity rotation, no offset, scale e^-5."""
     head = GaussianHead(8, GaussianHeadConfig(), rngs=nnx.Rngs(0))
-    features = jax.random.normal(jax.random.key(1), (B, 5, 8))
-    positions = jax.random.normal(jax.random.key(2), (5, 3))
-    aggr = jax.random.uniform(jax.random.key(3), (B, 5, 3))
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(B, 5, 8)).astype(np.float32)
+    positions = rng.normal(size=(5, 3)).astype(np.float32)
+    aggr = rng.random((B, 5, 3), np.float32)
     hit = jnp.array([[True, False, True, True, False]] * B)
     graphdef, state = nnx.split(head)
     g = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a), compiler_options=FAST_COMPILE)(
@@ -201,8 +200,9 @@ def test_gradients_reach_every_parameter():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens, i_aggr, gamma = _inputs(2)
     g0 = _forward(model, tokens, i_aggr, gamma)
+    rng = np.random.default_rng(4)
     projections = jax.tree.map(
-        lambda x: jax.random.normal(jax.random.key(x.size), x.shape), g0
+        lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), g0
     )  # random linear read-out of every field
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
