@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import require_oracle
 from flax import nnx
+from network_fixtures import fast_jit, noise_filled
 
 from uika_jax.models import dpt
 from uika_jax.models.dpt import DPT, DPTConfig
@@ -115,7 +116,7 @@ def test_parity_with_hf_dpt(readout, grid):
         ref_out = hf.head.head[:-1](ref_fused[-1])  # without the depth head's final ReLU
     maps = [jnp.asarray(t[:, 1:].reshape(2, h, w, D)) for t in tokens]
     cls = [jnp.asarray(t[:, 0]) for t in tokens]
-    fused, out = nnx.jit(lambda m, x, c: (m.neck(x, c), m(x, c, output_size=(16 * h, 16 * w))))(
+    fused, out = fast_jit(lambda m, x, c: (m.neck(x, c), m(x, c, output_size=(16 * h, 16 * w))))(
         ours, maps, cls
     )
     assert len(fused) == len(ref_fused)
@@ -143,27 +144,16 @@ def test_resize_bilinear_matches_torch(align_corners, src, dst):
 
 @pytest.fixture(scope="module")
 def model():
-    """A randomly initialised DPT (real init) shared by the cheap tests."""
+    """A DPT with NumPy weights (no init programs to compile) shared by the cheap tests."""
     config = DPTConfig(in_dim=D, neck_channels=NECK, features=FEATURES, readout="project")
-    # rbg keys: init compiles per weight shape, and threefry costs ~2.5x the CPU time.
-    return DPT(config, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-
-
-def _random_filled(build, seed=0):
-    """An abstract module whose weights are filled from numpy (no per-shape init compiles)."""
-    module = nnx.eval_shape(build)
-    rng = np.random.RandomState(seed)
-    for _, var in nnx.to_flat_state(nnx.state(module)):
-        shape = var.get_value().shape
-        var.set_value(jnp.asarray(rng.randn(*shape).astype(np.float32) / np.sqrt(shape[0])))
-    return module
+    return noise_filled(nnx.eval_shape(lambda: DPT(config, rngs=nnx.Rngs(0))))
 
 
 def test_patch14_grid_reaches_input_resolution_and_odd_grids_fuse(model):
     # patch 14 at 70 px: a 5 x 5 grid (odd), so the 1/2 level is 3 x 3 and sizes do not nest.
     maps = [jnp.full((1, 5, 5, D), 0.1 * i) for i in range(4)]
     cls = [jnp.ones((1, D))] * 4
-    fused, out = nnx.jit(lambda m, x, c: (m.neck(x, c), m(x, c, output_size=(70, 70))))(
+    fused, out = fast_jit(lambda m, x, c: (m.neck(x, c), m(x, c, output_size=(70, 70))))(
         model, maps, cls
     )
     assert [f.shape[1:3] for f in fused] == [(5, 5), (10, 10), (20, 20), (40, 40)]
@@ -173,9 +163,9 @@ def test_patch14_grid_reaches_input_resolution_and_odd_grids_fuse(model):
 
 def test_generic_levels_and_widths():
     config = DPTConfig(in_dim=(12, 20), neck_channels=(6, 10), factors=(2, 1), features=8)
-    small = _random_filled(lambda: DPT(config, rngs=nnx.Rngs(0)))
+    small = noise_filled(nnx.eval_shape(lambda: DPT(config, rngs=nnx.Rngs(0))))
     maps = [jnp.ones((2, 3, 4, 12)), jnp.ones((2, 3, 4, 20))]
-    fused, out, sized, doubled = nnx.jit(
+    fused, out, sized, doubled = fast_jit(
         lambda m, x: (
             m.neck(x),
             m(x),
