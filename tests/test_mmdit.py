@@ -5,20 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from network_fixtures import fast_jit, noise_filled
 
 from uika_jax.models.mmdit import JointAttentionBlock
 
 D, HEADS, LZ, M = 32, 4, 16, 12
-
-
-def randomize(model: nnx.Module, seed: int) -> None:
-    """Perturbs every weight (biases, norm scales, ...) so that each one matters."""
-    rng = np.random.default_rng(seed)
-    leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
-    leaves = [
-        jnp.asarray(np.asarray(x) + 0.2 * rng.normal(size=x.shape), jnp.float32) for x in leaves
-    ]
-    nnx.update(model, jax.tree.unflatten(tree, leaves))
 
 
 def _params(model: nnx.Module) -> dict:
@@ -106,12 +97,17 @@ def _inputs(seed=1):
     "mode,update_context", [("joint", True), ("joint", False), ("cross", False)]
 )
 def test_branch_matches_numpy_reference(mode, update_context):
-    block = JointAttentionBlock(
-        D, HEADS, mode=mode, update_context=update_context, rngs=nnx.Rngs(0)
+    # NumPy weights, every one nonzero (biases, norm scales, ...) so that each one matters.
+    block = noise_filled(
+        nnx.eval_shape(
+            lambda: JointAttentionBlock(
+                D, HEADS, mode=mode, update_context=update_context, rngs=nnx.Rngs(0)
+            )
+        ),
+        seed=3,
     )
-    randomize(block, 3)
     z, f, f_mask = _inputs()
-    dz, f_new = nnx.jit(lambda m, z, f, fm: m(z, f, fm))(block, z, f, f_mask)
+    dz, f_new = fast_jit(lambda m, z, f, fm: m(z, f, fm))(block, z, f, f_mask)
     dz_ref, f_ref = reference_branch(
         _params(block),
         *(np.asarray(x, np.float64) for x in (z, f)),
@@ -128,7 +124,10 @@ def test_branch_matches_numpy_reference(mode, update_context):
 def test_branch_weights_per_mode():
     names = lambda **kw: set(  # noqa: E731
         nnx.to_pure_dict(
-            nnx.state(JointAttentionBlock(D, HEADS, rngs=nnx.Rngs(0), **kw), nnx.Param)
+            nnx.state(
+                nnx.eval_shape(lambda: JointAttentionBlock(D, HEADS, rngs=nnx.Rngs(0), **kw)),
+                nnx.Param,
+            )
         )
     )
     full = names()
