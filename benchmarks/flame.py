@@ -15,11 +15,10 @@ spread (min-max) beside it, for the times and for the per-run speed-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import jax
 import numpy as np
-from timing import median_ms
+from timing import median_ms, spread
 
 from uika_jax.head.lbs import flame_forward
 from uika_jax.head.model import HeadModel
@@ -93,12 +92,6 @@ def main() -> None:
             f"{batch:>6} | {spread(ours, '.3f'):>22} | {spread(theirs, '.3f'):>22} | "
             f"{spread(ratios, '.2f', 'x'):>19}"
         )
-
-
-def spread(values: list[float], fmt: str, unit: str = "") -> str:
-    """Formats the median of `values` with their range: 'median (min-max)'."""
-    median, low, high = statistics.median(values), min(values), max(values)
-    return f"{median:{fmt}}{unit} ({low:{fmt}}-{high:{fmt}})"
 
 
 if __name__ == "__main__":
