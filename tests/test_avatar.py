@@ -149,8 +149,13 @@ def _run(model, images):
 
 
 @functools.cache
+def _reference_model() -> UIKA:
+    return _model(FROZEN)
+
+
+@functools.cache
 def _reference_run():
-    model = _model(FROZEN)
+    model = _reference_model()
     return model, *_run(model, _views()[0])
 
 
@@ -332,7 +337,7 @@ def test_ablations_build_and_trace(ablation):
 
 
 def test_errors():
-    model = nnx.eval_shape(lambda: UIKA.from_config(CONFIG, rngs=nnx.Rngs(0)))
+    model = _reference_model()
     _, anchors = _head()
     with pytest.raises(ValueError, match="model expects"):
         model(jnp.zeros((1, 1, S + 8, S + 8, 3)), None, anchors)

@@ -275,7 +275,7 @@ def test_taps_look_up_layers_of_one_pass():
     np.testing.assert_array_equal(maps[0], first.features[0])
     np.testing.assert_array_equal(cls[0], out.feature_cls[1])
     with pytest.raises(ValueError, match="not tapped"):
-        model(x, layers=(1,)).taps((0,))
+        jax.eval_shape(lambda x: model(x, layers=(1,)), x).taps((0,))
 
 
 def test_vit_input_zeroes_invalid_images_and_stops_gradients():
