@@ -229,11 +229,11 @@ def test_train_backbone_switch():
 def test_flip_averaged_is_mirror_equivariant(model):
     images = _uniform(1, (2, SIZE, SIZE, 3))
     c = 0.52
-    # the images and their flips in one batch: (2, 2, H, W, 3)
-    both = jnp.stack([images, images[:, :, ::-1]])
-    run = fast_jit(lambda m, x: (flip_averaged(m, x, mirror_u=c), m(x[0])))
+    # the images, then their flips, in one batch (no image's mirror at the mirrored index)
+    both = jnp.concatenate([images, images[:, :, ::-1]])
+    run = fast_jit(lambda m, x: (flip_averaged(m, x, mirror_u=c), m(x[:2])))
     averaged, plain = run(model, both)
-    out, out_flipped = (jax.tree.map(lambda t, i=i: t[i], averaged) for i in (0, 1))
+    out, out_flipped = (jax.tree.map(lambda t, i=i: t[i : i + 2], averaged) for i in (0, 2))
     back = out_flipped.uv[:, :, ::-1]
     back = jnp.concatenate([2 * c - back[..., :1], back[..., 1:]], -1)
     np.testing.assert_allclose(back, out.uv, atol=1e-5)
