@@ -1,12 +1,19 @@
-"""`rasterization()` API: jit/vmap/batching, bad input, overflow and strict mode, shard_map."""
+"""`rasterization()` API: batching (leading dims, vmap, grad) and per-camera colours, depth
+modes and tile size, bad input (eager errors, masking under jit), overflow accounting,
+warnings and strict mode, capacity sizing and calibration, the backward pass's memory,
+shard_map under a mesh, backend dispatch.
 
-import dataclasses
+The tests render the shared `WIDE` scene, so that they reuse its compiled forward program and
+`render_value_and_grad` program (see raster_cases)."""
+
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from network_fixtures import FAST_COMPILE
+from raster_cases import KEYS, WIDE, loss_weights, render_value_and_grad, scene_arrays, wide_scene
 from render_oracle import random_scene
 
 from uika_jax.render import (
@@ -15,7 +22,6 @@ from uika_jax.render import (
     backends,
     calibrate_capacity,
     check_overflow,
-    composite,
     rasterization,
     register_backend,
 )
@@ -23,67 +29,51 @@ from uika_jax.render import capacity as capacity_module
 from uika_jax.render import rasterize as rasterize_module
 from uika_jax.render.rasterize import OVERFLOW_WARNING
 
-KEYS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks")
-W, H = 40, 30
-# Renders that should agree to rounding (batched vs single scenes, jit vs eager, masked
-# Gaussians vs absent ones, per-camera colours, shard_map): measured identical on CPU.
+_, N, W, H, C = WIDE
+# Renders that should agree to rounding: within one program (masked Gaussians vs absent ones),
+# measured identical; across programs (`FAST_COMPILE` ones against the default-compiled eager
+# call, RGB+D against RGB, 8 px against 16 px tiles), measured at most 5.7e-7 apart.
 SAME = 1e-7
+OTHER_PROGRAM = 5e-6
 
 
-@pytest.fixture(scope="module")
-def scene():
-    return random_scene(11, 120, W, H, 2)
+def _args():
+    return scene_arrays(wide_scene())
 
 
-def _args(scene):
-    return [jnp.asarray(scene[k]) for k in KEYS]
+def _value_and_grad(*args, backgrounds=None, weights_seed=0):
+    """`render_value_and_grad` (RGB+D) of the 7 `rasterization` arrays on `WIDE`."""
+    backgrounds = jnp.zeros((C, 3)) if backgrounds is None else backgrounds
+    weights = loss_weights(weights_seed, (C, H, W), 4)
+    return render_value_and_grad(*args[:5], backgrounds, *args[5:], *weights, width=W, height=H)
 
 
-def test_batch_dims_match_single_scenes_vmap_and_grad(scene):
-    args = _args(scene)
-    r0, _, m0 = rasterization(*args, W, H)
-    other = _args(random_scene(12, 120, W, H, 2))
-    stacked = [jnp.stack([a, b]) for a, b in zip(args, other, strict=True)]
-    rb, ab, mb = rasterization(*stacked, W, H)
-    r_other, _, m_other = rasterization(*other, W, H)
-    assert rb.shape == (2, 2, H, W, 3) and mb["radii"].shape == (2, 2, 120, 2)
-    np.testing.assert_allclose(rb[0], r0, atol=SAME)
-    np.testing.assert_allclose(rb[1], r_other, atol=SAME)
-    assert list(np.asarray(mb["n_isects"])) == [int(m0["n_isects"]), int(m_other["n_isects"])]
+def test_vmap_and_per_camera_colors_match_single_scenes():
+    """Two scenes with per-camera colours under the caller's jit(vmap(value_and_grad)): each
+    image is the single scene's render with that camera's colours. (Leading batch dims, the
+    same vmap inside `rasterization()`, are checked against single scenes under a mesh.)"""
+    scenes = [_args(), scene_arrays(random_scene(12, *WIDE[1:]))]
+    rng = np.random.default_rng(0)
+    colors = jnp.asarray(rng.uniform(size=(2, C, N, 3)).astype(np.float32))  # (B, C, N, 3)
+    stacked = [jnp.stack([a, b]) for a, b in zip(*scenes, strict=True)]
 
-    def loss(means, colors, *rest):
-        r, a, _ = rasterization(means, *rest[:3], colors, *rest[3:], W, H)
-        return jnp.sum(r**2), (r, a)
+    def loss(means, colors, quats, scales, opacities, viewmats, ks):
+        r, a, meta = rasterization(means, quats, scales, opacities, colors, viewmats, ks, W, H)
+        return jnp.sum(r**2), (r, a, meta["n_isects"])
 
-    order = (0, 4, 1, 2, 3, 5, 6)
-    (_, (rv, av)), g = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-        *(stacked[i] for i in order)
+    vmapped = jax.jit(
+        jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)),
+        compiler_options=FAST_COMPILE,
     )
-    np.testing.assert_allclose(rv, rb, atol=SAME)
-    np.testing.assert_allclose(av, ab, atol=SAME)
-    assert np.isfinite(np.asarray(g[0])).all() and float(jnp.abs(g[1]).sum()) > 0
-
-
-def test_per_camera_colors_and_features(scene):
-    args = _args(scene)
-    feats = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 120, 7)).astype(np.float32))
-    r, _, _ = rasterization(*args[:4], feats, *args[5:], W, H)
-    assert r.shape == (2, H, W, 7)
-    r_cam0, _, _ = rasterization(*args[:4], feats[0], *args[5:], W, H)
-    np.testing.assert_allclose(r[0], r_cam0[0], atol=SAME)
-
-
-def test_zero_scale_is_an_eps2d_point():
-    means = jnp.array([[0.0, 0.0, 2.0]])
-    _r, a, meta = rasterization(
-        means, jnp.array([[1.0, 0, 0, 0]]), jnp.zeros((1, 3)), jnp.array([0.8]),
-        jnp.ones((1, 3)), jnp.eye(4)[None], jnp.array([[[50.0, 0, 20], [0, 50, 15], [0, 0, 1]]]),
-        W, H,
-    )  # fmt: skip
-    # Mean at (20, 15): pixel (14, 19) centre is 0.5 px off in x and y; cov = 0.3 I
-    # (measured 2.5e-8 off).
-    assert np.allclose(float(a[0, 14, 19, 0]), 0.8 * np.exp(-0.5 * 0.5 / 0.3), rtol=0, atol=2e-7)
-    assert tuple(np.asarray(meta["radii"])[0, 0]) == (2, 2)
+    (_, (rv, av, n_isects)), grads = vmapped(stacked[0], colors, *stacked[1:4], *stacked[5:])
+    assert rv.shape == (2, C, H, W, 3)
+    for b, scene in enumerate(scenes):
+        for cam in range(C):
+            single, alphas, meta = rasterization(*scene[:4], colors[b, cam], *scene[5:], W, H)
+            np.testing.assert_allclose(rv[b, cam], single[cam], atol=OTHER_PROGRAM)
+        np.testing.assert_allclose(av[b], alphas, atol=OTHER_PROGRAM)
+        assert int(n_isects[b]) == int(meta["n_isects"])
+    assert np.isfinite(np.asarray(grads[0])).all() and float(jnp.abs(grads[1]).sum()) > 0
 
 
 @pytest.mark.parametrize(
@@ -96,15 +86,15 @@ def test_zero_scale_is_an_eps2d_point():
         ("Ks", (0, 0, 0), 0.0, "positive focal"),
     ],
 )
-def test_bad_values_raise_eagerly(scene, key, index, value, match):
-    args = dict(zip(KEYS, _args(scene), strict=True))
+def test_bad_values_raise_eagerly(key, index, value, match):
+    args = dict(zip(KEYS, _args(), strict=True))
     args[key] = args[key].at[index].set(value)
     with pytest.raises(ValueError, match=match):
         rasterization(*args.values(), W, H)
 
 
-def test_bad_shapes_and_modes_raise(scene):
-    args = _args(scene)
+def test_bad_shapes_and_modes_raise():
+    args = _args()
     with pytest.raises(ValueError, match="quats must have shape"):
         rasterization(args[0], args[1][:5], *args[2:], W, H)
     with pytest.raises(ValueError, match="colors must be"):
@@ -115,31 +105,53 @@ def test_bad_shapes_and_modes_raise(scene):
         rasterization(*args, W, H, backgrounds=jnp.zeros((5, 3)))
 
 
-def test_invalid_gaussians_are_masked_under_jit(scene):
-    args = _args(scene)
-    fn = jax.jit(lambda *x: rasterization(*x, W, H))
-    clean_ops = args[3].at[3].set(0.0).at[4].set(0.0).at[5].set(0.0)
-    ref, _, _ = fn(*args[:3], clean_ops, *args[4:])
+def test_invalid_gaussians_are_masked_under_jit():
+    """NaN means, negative scales, zero quaternions under jit: culled, no gradient, counted."""
+    args = _args()
+    clean_ops = args[3].at[3:6].set(0.0)
+    (_, (ref, _, _)), _ = _value_and_grad(*args[:3], clean_ops, *args[4:])
     eager, _, _ = rasterization(*args[:3], clean_ops, *args[4:], W, H)
-    np.testing.assert_allclose(ref, eager, atol=SAME)  # jit == eager
+    np.testing.assert_allclose(ref[..., :3], eager, atol=OTHER_PROGRAM)  # jit == eager (no bg)
     means = args[0].at[3].set(jnp.nan)
     scales = args[2].at[4, 0].set(-1.0)
     quats = args[1].at[5].set(0.0)
-    r, _, meta = fn(means, quats, scales, args[3], *args[4:])
+    (_, (r, _, meta)), grads = _value_and_grad(means, quats, scales, *args[3:])
     assert int(meta["n_invalid_gaussians"]) == 3 and int(meta["n_invalid_cameras"]) == 0
     np.testing.assert_allclose(r, ref, atol=SAME)
     assert (np.asarray(meta["radii"])[:, 3:6] == 0).all()
-
-    def loss(means, quats, scales):
-        return jnp.sum(rasterization(means, quats, scales, *args[3:], W, H)[0])
-
-    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(means, quats, scales)
-    for x in g:
-        assert np.isfinite(np.asarray(x)).all()
-        assert float(jnp.abs(x[3:6]).sum()) == 0.0
+    for g in grads[:5]:
+        assert np.isfinite(np.asarray(g)).all()
+        assert float(jnp.abs(g[3:6]).sum()) == 0.0
     bad_cam = args[5].at[1, 0, 0].set(jnp.inf)
-    r, _, meta = fn(*args[:5], bad_cam, args[6])
+    (_, (r, _, meta)), _ = _value_and_grad(*args[:5], bad_cam, args[6])
     assert int(meta["n_invalid_cameras"]) == 1 and float(jnp.abs(r[1]).max()) == 0.0
+
+
+def test_depth_modes_and_tile_size():
+    """RGB+D is RGB plus the accumulated depth; ED (here with 8 px tiles, which visit a subset
+    of the same, skipped, Gaussians per pixel) is that depth over alpha."""
+    args = _args()
+    (_, (rgbd, alpha, meta)), _ = _value_and_grad(*args)
+    rgb, _, _ = rasterization(*args, W, H)
+    np.testing.assert_allclose(rgbd[..., :3], rgb, atol=OTHER_PROGRAM)
+    ed, alpha8, meta8 = rasterization(*args, W, H, render_mode="ED", tile_size=8)
+    assert meta8["tile_width"] == 9 and meta8["tile_height"] == 6
+    np.testing.assert_allclose(alpha8, alpha, atol=OTHER_PROGRAM)
+    # Depths up to 3.1: measured 9.5e-7 (a division and a product apart).
+    np.testing.assert_allclose(ed * np.maximum(alpha8, 1e-10), rgbd[..., 3:], atol=1e-5)
+    vis = np.asarray(meta["radii"])[..., 0] > 0
+    depths = np.asarray(meta["depths"])
+    covered = np.asarray(alpha)[..., 0] > 0.5
+    e = np.asarray(ed)[..., 0][covered]
+    assert e.min() >= depths[vis].min() - 1e-5 and e.max() <= depths[vis].max() + 1e-5
+
+
+def test_empty_inputs_raise():
+    args = _args()
+    with pytest.raises(ValueError, match="N >= 1"):
+        rasterization(*(a[:0] for a in args[:5]), *args[5:], W, H)
+    with pytest.raises(ValueError, match="one camera"):
+        rasterization(*args[:5], args[5][:0], args[6][:0], W, H)
 
 
 def _overflow_logged(caplog, fn):
@@ -152,10 +164,10 @@ def _overflow_logged(caplog, fn):
     return out, [r.getMessage() for r in caplog.records]
 
 
-def test_overflow_is_counted_warned_and_strict_raises(scene, caplog):
-    args = _args(scene)
+def test_overflow_is_counted_warned_and_strict_raises(caplog):
+    args = _args()
     (_, _, full), logged = _overflow_logged(caplog, lambda: rasterization(*args, W, H))
-    total = int(full["n_isects"])
+    total, max_tile = int(full["n_isects"]), int(full["max_tile_count"])
     assert int(full["isects_dropped"]) == 0 and int(full["pixels_overflow"]) == 0
     assert not bool(full["overflow"]) and logged == []
     small = RasterConfig(capacity=total // 2)
@@ -178,24 +190,31 @@ def test_overflow_is_counted_warned_and_strict_raises(scene, caplog):
         jax.block_until_ready(rasterization(*args, W, H, config=small))
         jax.effects_barrier()
     assert caplog.records == [] and OVERFLOW_WARNING.held_back == 1
-
-    capped = RasterConfig(tile_cap=max(1, int(full["max_tile_count"]) // 4))
-    _, _, meta = rasterization(*args, W, H, config=capped)
-    assert int(meta["isects_dropped"]) == 0 and int(meta["tiles_overflow"]) > 0
-    assert 0 < int(meta["pixels_overflow"]) <= 2 * W * H
-
     strict = RasterConfig(capacity=total // 2, strict=True)
     with pytest.raises(RasterOverflowError, match="calibrate_capacity"):
         rasterization(*args, W, H, config=strict)
+
     # Under the caller's jit: the counters come back (and a warning), the caller raises.
-    jitted = jax.jit(lambda *x: rasterization(*x, W, H, config=strict)[2])
+    # Exactly `total` slots drop nothing; a tile cap equal to some tiles' counts caps only the
+    # longer ones (per-tile counts from the offsets of the render that dropped nothing).
+    counts = np.diff(np.append(np.asarray(full["isect_offsets"]).reshape(-1), total))
+    cap = int(np.sort(counts[counts > 0])[np.count_nonzero(counts) // 2])  # a median count
+    assert (counts == cap).any() and (counts > cap).any()
+    capped = RasterConfig(capacity=total, tile_cap=cap, strict=True)
+    jitted = jax.jit(
+        lambda *x: rasterization(*x, W, H, config=capped)[2], compiler_options=FAST_COMPILE
+    )
     meta, logged = _overflow_logged(caplog, lambda: jitted(*args))
     assert len(logged) == 1 and "rasterizer overflow" in logged[0]
-    assert int(meta["isects_dropped"]) == total - total // 2
-    with pytest.raises(RasterOverflowError, match="intersections beyond capacity"):
+    assert int(meta["isects_dropped"]) == 0 and bool(meta["overflow"])
+    assert int(meta["tiles_overflow"]) == int((counts > cap).sum())
+    assert 0 < int(meta["pixels_overflow"]) <= C * W * H
+    with pytest.raises(RasterOverflowError, match="tiles over capacity or tile_cap"):
         check_overflow(jax.device_get(meta))
-    ok = RasterConfig(capacity=total, tile_cap=int(full["max_tile_count"]), strict=True)
-    check_overflow(rasterization(*args, W, H, config=ok)[2])
+    check_overflow(jax.device_get(full))
+
+    calibrated = calibrate_capacity(*args[:4], *args[5:], W, H, headroom=1.25)
+    assert calibrated.capacity >= 1.25 * total and calibrated.tile_cap >= 1.25 * max_tile
 
 
 def _tiny_gaussians(n, size, seed=0):
@@ -222,21 +241,19 @@ def test_concrete_inputs_size_their_own_capacity():
     n, size = 20_000, 512
     args = _tiny_gaussians(n, size)
     assert n * (size // 16) ** 2 > 2**24
-    render, _, meta = rasterization(*args, size, size)
+    _, alphas, meta = rasterization(*args, size, size)
     total = int(meta["n_isects"])
     assert total >= n and meta["isect_capacity"] >= total
     assert meta["isect_capacity"] <= 1.3 * total  # a few sizes an octave, not the bound
-    assert not bool(meta["overflow"])
-    explicit = RasterConfig(capacity=total)
-    ref, _, ref_meta = rasterization(*args, size, size, config=explicit)
-    np.testing.assert_array_equal(render, ref)
-    np.testing.assert_array_equal(meta["flatten_ids"][:total], ref_meta["flatten_ids"])
+    assert not bool(meta["overflow"]) and int(meta["pixels_overflow"]) == 0
+    assert total == int(np.asarray(meta["tiles_per_gauss"]).sum())
+    assert float(jnp.mean(alphas > 0.1)) > 0.05  # the Gaussians were drawn
     with pytest.raises(ValueError, match=r"RasterConfig\(capacity=\.\.\.\).*calibrate"):
         jax.jit(lambda *x: rasterization(*x, size, size)[0])(*args)
 
 
-def test_capacity_limits_give_clear_errors(scene, monkeypatch):
-    args = _args(scene)
+def test_capacity_limits_give_clear_errors(monkeypatch):
+    args = _args()
     with pytest.raises(ValueError, match="int32 slot indices"):
         capacity_module.round_capacity(2**31 - 1)
     assert capacity_module.round_capacity(1025) == 1280
@@ -250,119 +267,89 @@ def test_capacity_limits_give_clear_errors(scene, monkeypatch):
         rasterization(*args, W, H)
 
 
-def test_calibration_fits(scene):
-    args = _args(scene)
-    cfg = calibrate_capacity(*args[:4], *args[5:], W, H, headroom=1.25)
-    _, _, meta = rasterization(*args, W, H, config=dataclasses.replace(cfg, strict=True))
-    assert cfg.capacity >= int(meta["n_isects"]) and cfg.tile_cap >= int(meta["max_tile_count"])
+def test_gradient_memory_is_linear_in_pixels():
+    """Every Gaussian over every tile: a [tiles, pixels, K] float32 tensor of the K slots of the
+    longest tile would take `dense` bytes; the custom VJP keeps only O(pixels) + O(capacity)
+    residuals (the program of the other `WIDE` tests, these data make its K largest)."""
+    args = _args()
+    args[0] = args[0] * 0.1  # near the origin, 3 units in front of both cameras
+    args[2] = jnp.full_like(args[2], 0.5)
+    _, _, meta = rasterization(*args, W, H)
+    n_tiles = meta["tile_width"] * meta["tile_height"]
+    assert int(meta["max_tile_count"]) > N // 2
+    dense = C * n_tiles * 256 * int(meta["max_tile_count"]) * 4
+    compiled = render_value_and_grad.lower(
+        *args[:5], jnp.zeros((C, 3)), *args[5:], *loss_weights(0, (C, H, W), 4), width=W, height=H
+    ).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < dense / 2, (temp, dense)  # measured 2.2 MB against 9 MB
 
 
-def test_shard_map_under_mesh_has_no_all_gather(scene):
+def test_batch_dims_under_a_mesh_match_single_scenes_without_collectives():
+    """Four scenes as a leading batch dim on a 4 x 2 mesh: sharded over "data" (greedily,
+    while the batch divides), replicated over "model". Each image is its single scene's;
+    scenes are independent, so forward and backward have no collective at all (without
+    shard_map XLA's partitioner adds all-reduces for the loops' conditions and gathers the
+    per-Gaussian arrays)."""
     assert jax.device_count() == 8
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch = [jnp.stack([a] * 8) for a in _args(scene)]
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharding = jax.NamedSharding(mesh, jax.P("data"))
-    batch = [jax.device_put(x, sharding) for x in batch]
-    cfg = RasterConfig()  # single-scene call below is then cached from other tests
+    scenes = [_args()] + [scene_arrays(random_scene(seed, *WIDE[1:])) for seed in (12, 13, 14)]
+    batch = [jax.device_put(jnp.stack(x), sharding) for x in zip(*scenes, strict=True)]
 
     def loss(means, quats, scales, opacities, colors, viewmats, ks):
-        r, a, _ = rasterization(
-            means, quats, scales, opacities, colors, viewmats, ks, W, H, config=cfg
-        )
-        return jnp.sum(r) + jnp.sum(a)
+        r, a, meta = rasterization(means, quats, scales, opacities, colors, viewmats, ks, W, H)
+        return jnp.sum(r) + jnp.sum(a), (r, a, meta)
 
     with jax.set_mesh(mesh):
-        fwd = jax.jit(lambda *x: rasterization(*x, W, H, config=cfg)[0])
-        hlo = fwd.lower(*batch).compile().as_text()
-        grad_hlo = jax.jit(jax.grad(loss, argnums=(0, 4))).lower(*batch).compile().as_text()
-        r = fwd(*batch)
-    # Scenes are independent: no collective at all (without shard_map XLA's partitioner
-    # inserts all-reduces for the loops' conditions).
-    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
-        assert op not in hlo and op not in grad_hlo, op
-    single, _, _ = rasterization(*_args(scene), W, H, config=cfg)
-    np.testing.assert_allclose(np.asarray(r)[5], single, atol=1e-6)  # measured 1.2e-7
-    # A 2D mesh and a batch of 4: sharded over "data" only, replicated over "model".
-    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    with jax.set_mesh(mesh2):
-        hlo = fwd.lower(*(x[:4] for x in batch)).compile().as_text()
+        # The gradient without the loss value (whose sum over scenes needs an all-reduce).
+        fn = jax.jit(jax.grad(loss, argnums=(0, 4), has_aux=True), compiler_options=FAST_COMPILE)
+        compiled = fn.lower(*batch).compile()
+        _, (r, a, meta) = compiled(*batch)
         with pytest.raises(ValueError, match="does not divide"):
             rasterization(*(x[:3] for x in batch), W, H, config=RasterConfig(batch_axes=("data",)))
+    hlo = compiled.as_text()
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
         assert op not in hlo, op
+    assert meta["radii"].shape == (4, C, N, 2) and meta["n_isects"].shape == (4,)
+    for b, scene in enumerate(scenes):
+        single, alphas, single_meta = rasterization(*scene, W, H)
+        np.testing.assert_allclose(r[b], single, atol=OTHER_PROGRAM)
+        np.testing.assert_allclose(a[b], alphas, atol=OTHER_PROGRAM)
+        assert int(meta["n_isects"][b]) == int(single_meta["n_isects"])
 
 
-def test_depth_modes_and_tile_size(scene):
-    args = _args(scene)
-    rgbd, alpha, meta = rasterization(*args, W, H, render_mode="RGB+D")
-    ed, _, _ = rasterization(*args, W, H, render_mode="ED")
-    rgb, _, _ = rasterization(*args, W, H)
-    np.testing.assert_allclose(rgbd[..., :3], rgb, atol=SAME)
-    d = rgbd[..., 3:]
-    # Measured 2.4e-7 relative (one division apart).
-    np.testing.assert_allclose(ed, d / np.maximum(alpha, 1e-10), rtol=2e-6, atol=1e-7)
-    vis = np.asarray(meta["radii"])[..., 0] > 0
-    depths = np.asarray(meta["depths"])
-    covered = np.asarray(alpha)[..., 0] > 0.5
-    e = np.asarray(ed)[..., 0][covered]
-    assert e.min() >= depths[vis].min() - 1e-5 and e.max() <= depths[vis].max() + 1e-5
-    # Smaller tiles visit a subset of the same (skipped) Gaussians per pixel: same image.
-    r8, _, m8 = rasterization(*args, W, H, tile_size=8)
-    np.testing.assert_allclose(r8, rgb, atol=1e-6)  # measured 1.2e-7
-    assert m8["tile_width"] == 5 and m8["tile_height"] == 4
-
-
-def test_empty_inputs_raise(scene):
-    args = _args(scene)
-    with pytest.raises(ValueError, match="N >= 1"):
-        rasterization(*(a[:0] for a in args[:5]), *args[5:], W, H)
-    with pytest.raises(ValueError, match="one camera"):
-        rasterization(*args[:5], args[5][:0], args[6][:0], W, H)
-
-
-def test_gradient_memory_is_linear_in_pixels():
-    # A [tiles, pixels, K] float32 tensor here would be 144 x 256 x max_tile_count x 4 bytes
-    # (~28 MB); the custom VJP keeps only O(pixels) + O(capacity) residuals.
-    scene = random_scene(1, 600, 128, 96, 3)
-    args = _args(scene)
-    cfg = RasterConfig(capacity=8192)
-
-    def loss(*x):
-        r, a, _ = rasterization(*x, 128, 96, config=cfg)
-        return jnp.sum(r) + jnp.sum(a)
-
-    _, _, meta = rasterization(*args, 128, 96)  # the config of the parity tests: cached
-    dense = 3 * 6 * 8 * 256 * int(meta["max_tile_count"]) * 4
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < dense / 2, (temp, dense)
-
-
-def test_registered_backend_is_dispatched(scene):
+def test_registered_backend_is_dispatched():
     calls = []
 
-    def spy(*a, **kw):
-        calls.append(kw["tile_cap"])
-        return composite.composite(*a, **kw)
+    def spy(means2d, conics, opacities, colors, *bins_and_size, tile_size, tile_cap):
+        calls.append(tile_cap)
+        width, height = bins_and_size[-2:]
+        shape = (means2d.shape[0], height, width)
+        return (
+            jnp.full((*shape, colors.shape[-1]), 0.25),
+            jnp.full(shape, 0.5),
+            jnp.zeros(shape, bool),
+        )
 
     register_backend("spy", spy)
     try:
-        r, _, _ = rasterization(*_args(scene), W, H, config=RasterConfig(backend="spy"))
-        ref, _, _ = rasterization(*_args(scene), W, H)
+        r, a, _ = rasterization(*_args(), W, H, config=RasterConfig(backend="spy"))
     finally:
         backends._BACKENDS.pop("spy")
     assert calls == [None]
-    np.testing.assert_array_equal(r, ref)
+    np.testing.assert_array_equal(r, 0.25)
+    np.testing.assert_array_equal(a, 0.5)
     with pytest.raises(ValueError, match="unknown backend"):
         RasterConfig(backend="spy")
 
 
-def test_auto_backend_is_the_reference_until_a_platform_is_verified(scene):
+def test_auto_backend_is_the_reference_until_a_platform_is_verified():
     assert RasterConfig().backend == "auto"
     assert set(backends.auto_choices().values()) == {"reference"}
     assert backends.auto_choices(frozenset({"cuda", "tpu"})) == {
         "cuda": "pallas_triton", "rocm": "reference", "tpu": "pallas_mosaic"
     }  # fmt: skip
-    auto, _, _ = rasterization(*_args(scene), W, H)
-    ref, _, _ = rasterization(*_args(scene), W, H, config=RasterConfig(backend="reference"))
+    auto, _, _ = rasterization(*_args(), W, H)
+    ref, _, _ = rasterization(*_args(), W, H, config=RasterConfig(backend="reference"))
     np.testing.assert_array_equal(auto, ref)

@@ -1,27 +1,27 @@
-"""Rasterizer precision and boundaries: float32 projection of bfloat16 Gaussians, and the
-near/far planes (kept exactly at either plane, as gsplat's CUDA projection does)."""
+"""Rasterizer precision and boundaries: float32 projection of bfloat16 Gaussians, the near/far
+planes (kept exactly at either plane, as gsplat's CUDA projection does), zero scales as
+eps2d points."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from raster_cases import (
+    ORACLE_SCENES,
+    WIDE,
+    loss_weights,
+    render_value_and_grad,
+    scene_arrays,
+    wide_scene,
+)
 from render_oracle import random_scene
 
 from uika_jax.render import rasterization
 
-KEYS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks")
-W, H = 40, 30
-# Every random_scene the torch-oracle tests render (seed, n, width, height, cameras).
-ORACLE_SCENES = [
-    (0, 300, 70, 45, 2), (1, 600, 128, 96, 3), (2, 400, 70, 45, 2), (3, 150, 40, 70, 1),
-    (2, 300, 70, 45, 2), (5, 40, 37, 21, 2), (7, 120, 40, 29, 1), (1, 500, 128, 96, 3),
-    (2, 200, 50, 37, 1), (1, 200, 64, 48, 2),
-]  # fmt: skip
+_, _, W, H, C = WIDE
 
 
 def test_bfloat16_means_are_projected_in_float32():
-    scene = random_scene(11, 120, W, H, 2)
-    args = [jnp.asarray(scene[k]) for k in KEYS]
+    args = scene_arrays(wide_scene())
     means16 = args[0].astype(jnp.bfloat16)
     r16, a16, m16 = rasterization(means16, *args[1:], W, H)
     # The same values in float32: the input rounding is the only difference left.
@@ -33,24 +33,28 @@ def test_bfloat16_means_are_projected_in_float32():
 
 
 def test_bfloat16_gaussians_get_bfloat16_gradients():
-    scene = random_scene(11, 120, W, H, 2)
-    args = [jnp.asarray(scene[k]) for k in KEYS]
-    bf16 = [a.astype(jnp.bfloat16) for a in args[:5]]
+    """Each gradient is the float32 computation's on the same values, rounded once: bitwise
+    but where the two programs' float32 roundings straddle a bfloat16 step (measured: 1 element
+    of 4,200, 1.5e-6 of its array's largest, the float32 values 5.4e-8 of that apart)."""
+    args = scene_arrays(wide_scene())
+    bf16 = [x.astype(jnp.bfloat16) for x in (*args[:5], jnp.zeros((C, 3)))]
+    weights = loss_weights(0, (C, H, W), 4)
+    _, grads = render_value_and_grad(*bf16, *args[5:], *weights, width=W, height=H)
+    f32 = [x.astype(jnp.float32) for x in bf16]
+    _, ref = render_value_and_grad(*f32, *args[5:], *weights, width=W, height=H)
+    assert float(jnp.abs(ref[0]).max()) > 1.0
+    same = 0
+    for g, r in zip(grads, ref, strict=True):
+        assert g.dtype == jnp.bfloat16
+        g, rounded = np.asarray(g, np.float32), np.asarray(r.astype(jnp.bfloat16), np.float32)
+        same += int((g == rounded).sum())
+        scale = float(np.abs(rounded).max())
+        np.testing.assert_allclose(g, rounded, rtol=2**-7, atol=5e-7 * scale)
+    assert same >= 0.999 * sum(g.size for g in grads)
 
-    def loss(means, colors):
-        render, alphas, _ = rasterization(means, *bf16[1:4], colors, *args[5:], W, H)
-        return jnp.sum(render) + jnp.sum(alphas)
 
-    g_means, g_colors = jax.jit(jax.grad(loss, argnums=(0, 1)))(bf16[0], bf16[4])
-    assert g_means.dtype == g_colors.dtype == jnp.bfloat16
-    f32 = jax.jit(jax.grad(loss, argnums=(0, 1)))(bf16[0].astype(jnp.float32), bf16[4])
-    # The float32 computation's gradient, rounded once (measured: bitwise equal).
-    assert float(jnp.abs(f32[0]).max()) > 1.0
-    np.testing.assert_array_equal(g_means, f32[0].astype(jnp.bfloat16))
-    np.testing.assert_array_equal(g_colors, f32[1])
-
-
-def _one_gaussian_per_depth(depths):
+def _points_at_depths(depths):
+    """Zero-scale Gaussians, opacity 0.8, on the optical axis of a 40 x 30 camera."""
     n = len(depths)
     means = np.zeros((n, 3), np.float32)
     means[:, 2] = depths
@@ -58,8 +62,8 @@ def _one_gaussian_per_depth(depths):
     return [
         jnp.asarray(means),
         jnp.tile(jnp.array([[1.0, 0, 0, 0]]), (n, 1)),
-        jnp.full((n, 3), 1e-4),
-        jnp.full((n,), 0.9),
+        jnp.zeros((n, 3)),
+        jnp.full((n,), 0.8),
         jnp.ones((n, 3)),
         jnp.eye(4)[None],
         jnp.asarray(ks),
@@ -67,17 +71,23 @@ def _one_gaussian_per_depth(depths):
 
 
 @pytest.mark.parametrize("near,far", [(0.5, 4.0), (0.01, 1e10)])  # and the defaults
-def test_depths_exactly_on_the_planes_are_kept(near, far):
+def test_depths_exactly_on_the_planes_are_kept_as_eps2d_points(near, far):
     near32, far32 = np.float32(near), np.float32(far)
     depths = np.array(
         [near32, far32, np.nextafter(near32, 0), np.nextafter(far32, np.inf), 2.0], np.float32
     )
-    args = _one_gaussian_per_depth(depths)
-    _, alphas, meta = rasterization(*args, W, H, near_plane=near, far_plane=far)
-    kept = np.asarray(meta["radii"])[0, :, 0] > 0
-    np.testing.assert_array_equal(kept, [True, True, False, False, True])
+    args = _points_at_depths(depths)
+    _, alphas, meta = rasterization(*args, 40, 30, near_plane=near, far_plane=far)
+    radii = np.asarray(meta["radii"])[0]
+    np.testing.assert_array_equal(radii[:, 0] > 0, [True, True, False, False, True])
     np.testing.assert_array_equal(np.asarray(meta["depths"])[0], depths)
-    assert float(alphas[0, 15, 20, 0]) > 0.5
+    # Zero scale: cov = eps2d I = 0.3 I at any depth, radius ceil(3.33 sqrt(0.3)) = 2. The
+    # three kept points are centred at (20, 15): the centre of pixel (14, 19) is 0.5 px off in
+    # x and y.
+    assert (radii[[0, 1, 4]] == 2).all()
+    one = 0.8 * np.exp(-0.5 * 0.5 / 0.3)
+    # Measured 5.9e-8 off.
+    assert np.allclose(float(alphas[0, 14, 19, 0]), 1 - (1 - one) ** 3, rtol=0, atol=6e-7)
 
 
 def test_oracle_scenes_stay_off_the_planes():

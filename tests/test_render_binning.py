@@ -1,68 +1,63 @@
-"""Tile binning parity with gsplat 1.5.3's `_isect_tiles` / `_isect_offset_encode`."""
+"""Tile binning parity with gsplat 1.5.3's `_isect_tiles` / `_isect_offset_encode`, and
+overflow: true counts kept, the farthest intersections dropped, no counter wrapping."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require_oracle
+from raster_cases import TALL, WIDE, bin_capacity, bin_gaussians
 from render_oracle import gsplat_project, random_scene
 
 from uika_jax.render import binning
 from uika_kernels.tiles import tile_grid
 
-_bin = jax.jit(binning.bin_gaussians, static_argnums=(3, 4), static_argnames=("capacity",))
-
-SCENES = [(0, 300, 70, 45, 2), (1, 600, 128, 96, 3), (3, 150, 40, 70, 1)]
-
-
-def _gsplat_bins(scene, tile_size=16):
-    torch = require_oracle("torch")
-    ti = require_oracle("gsplat.cuda._torch_impl")
-    radii, means2d, depths, _ = gsplat_project(torch, ti, scene)
-    tw, th = tile_grid(scene["width"], scene["height"], tile_size)
-    tiles_per_gauss, isect_ids, flatten_ids = ti._isect_tiles(
-        means2d, radii, depths, tile_size, tw, th
-    )
-    offsets = ti._isect_offset_encode(isect_ids, means2d.shape[0], tw, th)
-    return radii, means2d, depths, tiles_per_gauss, flatten_ids, offsets
-
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("seed,n,w,h,c", SCENES)
+@pytest.mark.parametrize("seed,n,w,h,c", [WIDE, TALL])
 def test_binning_matches_gsplat(seed, n, w, h, c):
-    scene = random_scene(seed, n, w, h, c)
-    radii, means2d, depths, tpg, flat, offsets = _gsplat_bins(scene)
+    torch = require_oracle("torch")
+    ti = require_oracle("gsplat.cuda._torch_impl")
+    radii, means2d, depths, _ = gsplat_project(torch, ti, random_scene(seed, n, w, h, c))
+    tw, th = tile_grid(w, h, 16)
+    tpg, isect_ids, flat = ti._isect_tiles(means2d, radii, depths, 16, tw, th)
+    offsets = ti._isect_offset_encode(isect_ids, c, tw, th).numpy().reshape(-1)
     total = int(tpg.sum())
-    bins = _bin(
-        jnp.asarray(means2d.numpy()),
-        jnp.asarray(radii.numpy()),
-        jnp.asarray(depths.numpy()),
-        w,
-        h,
-        capacity=total + 37,
+    capacity = bin_capacity(c, n, w, h)
+    bins = bin_gaussians(
+        *(jnp.asarray(x.numpy()) for x in (means2d, radii, depths)), w, h, capacity=capacity
     )
-    assert int(bins.n_isects) == total > 0
+    assert int(bins.n_isects) == total > 0 and capacity > total
     np.testing.assert_array_equal(np.asarray(bins.tiles_per_gauss), tpg.numpy())
     np.testing.assert_array_equal(np.asarray(bins.flat_ids)[:total], flat.numpy())
-    np.testing.assert_array_equal(np.asarray(bins.tile_start), offsets.numpy().reshape(-1))
-    counts = np.diff(np.append(offsets.numpy().reshape(-1), total))
+    np.testing.assert_array_equal(np.asarray(bins.tile_start), offsets)
+    counts = np.diff(np.append(offsets, total))
     np.testing.assert_array_equal(np.asarray(bins.tile_count), counts)
     np.testing.assert_array_equal(np.asarray(bins.true_tile_count), counts)
 
 
-@pytest.mark.oracle
-def test_overflow_keeps_true_counts():
-    scene = random_scene(1, 600, 128, 96, 3)
-    radii, means2d, depths, tpg, _, offsets = _gsplat_bins(scene)
-    total = int(tpg.sum())
-    counts = np.diff(np.append(offsets.numpy().reshape(-1), total))
-    bins = jax.jit(lambda m, r, d: binning.bin_gaussians(m, r, d, 128, 96, capacity=total // 2))(
-        jnp.asarray(means2d.numpy()), jnp.asarray(radii.numpy()), jnp.asarray(depths.numpy())
-    )
-    assert int(bins.n_isects) == total
-    np.testing.assert_array_equal(np.asarray(bins.true_tile_count), counts)
-    assert int(bins.tile_count.sum()) == total // 2
-    assert (np.asarray(bins.tile_count) <= counts).all()
+def test_overflow_keeps_true_counts_and_drops_the_farthest():
+    """A third of the slots: each tile keeps the nearest prefix of its list, true counts stay."""
+    _, n, w, h, c = WIDE
+    rng = np.random.default_rng(4)
+    means2d = jnp.asarray(rng.uniform(0, (w, h), (c, n, 2)), jnp.float32)
+    radii = jnp.asarray(rng.integers(1, 24, (c, n, 2)), jnp.int32)
+    depths = jnp.asarray(rng.uniform(0.5, 3.0, (c, n)), jnp.float32)
+    full = bin_gaussians(means2d, radii, depths, w, h, capacity=bin_capacity(c, n, w, h))
+    total = int(full.n_isects)
+    part = bin_gaussians(means2d, radii, depths, w, h, capacity=total // 3)
+    full, part = jax.device_get(full), jax.device_get(part)
+    assert int(part.n_isects) == total
+    np.testing.assert_array_equal(part.true_tile_count, full.tile_count)
+    assert part.tile_count.sum() == total // 3 and (part.tile_count <= full.tile_count).all()
+    d = np.asarray(depths).reshape(-1)
+    dropped = np.setdiff1d(full.flat_ids[:total], part.flat_ids)
+    assert len(dropped) > 0 and d[part.flat_ids].max() <= d[dropped].min()
+    for t in range(len(full.tile_start)):
+        s_full, s_part, k = full.tile_start[t], part.tile_start[t], part.tile_count[t]
+        np.testing.assert_array_equal(
+            part.flat_ids[s_part : s_part + k], full.flat_ids[s_full : s_full + k]
+        )
 
 
 def test_depth_key_is_monotone():
@@ -75,7 +70,7 @@ def test_huge_coordinates_do_not_wrap():
     means2d = jnp.array([[[1e12, 5.0], [-1e12, 5.0], [20.0, 20.0]]], jnp.float32)
     radii = jnp.array([[[2**30, 3], [3, 3], [2**30, 2**30]]], jnp.int32)
     depths = jnp.ones((1, 3), jnp.float32)
-    bins = _bin(means2d, radii, depths, 64, 48, capacity=64)
+    bins = bin_gaussians(means2d, radii, depths, 64, 48, capacity=64)
     # The first two miss the image (the box would be clipped away); the third covers all 12.
     np.testing.assert_array_equal(np.asarray(bins.tiles_per_gauss), [[0, 0, 12]])
     assert int(bins.n_isects) == 12
@@ -98,7 +93,7 @@ def test_huge_totals_saturate_and_count_every_overflow():
     means2d = jnp.full((1, n, 2), size / 2, jnp.float32)
     radii = jnp.full((1, n, 2), size, jnp.int32)
     depths = jnp.asarray(np.linspace(5.0, 1.0, n, dtype=np.float32)[None])  # last nearest
-    bins = _bin(means2d, radii, depths, size, size, capacity=capacity)
+    bins = bin_gaussians(means2d, radii, depths, size, size, capacity=capacity)
     n_tiles = (size // 16) ** 2
     assert int(bins.n_isects) == 2**31 - 1  # saturated, not wrapped
     assert (np.asarray(bins.tiles_per_gauss) == n_tiles).all()
@@ -108,26 +103,3 @@ def test_huge_totals_saturate_and_count_every_overflow():
     # What is kept: the nearest Gaussian's first `capacity` tiles.
     np.testing.assert_array_equal(np.asarray(bins.flat_ids), np.full(capacity, n - 1))
     assert int(bins.n_isects) - capacity > 0  # rasterization's isects_dropped
-
-
-def test_overflow_drops_the_farthest_intersections():
-    rng = np.random.default_rng(4)
-    c, n, w, h = 2, 300, 96, 64
-    means2d = jnp.asarray(rng.uniform(0, 96, (c, n, 2)), jnp.float32)
-    radii = jnp.asarray(rng.integers(1, 24, (c, n, 2)), jnp.int32)
-    depths = jnp.asarray(rng.uniform(0.5, 3.0, (c, n)), jnp.float32)
-    full = _bin(means2d, radii, depths, w, h, capacity=c * n * 24)
-    total = int(full.n_isects)
-    part = _bin(means2d, radii, depths, w, h, capacity=total // 3)
-    d = np.asarray(depths).reshape(-1)
-    kept = np.asarray(part.flat_ids)
-    all_ids = np.asarray(full.flat_ids)[:total]
-    dropped = np.setdiff1d(all_ids, kept)
-    assert len(dropped) > 0 and d[kept].max() <= d[dropped].min()
-    # Each tile keeps a prefix of its full list (the nearest), in the same order.
-    full, part = jax.device_get(full), jax.device_get(part)
-    for t in range(c * 24):
-        s_full, s_part, k = full.tile_start[t], part.tile_start[t], part.tile_count[t]
-        np.testing.assert_array_equal(
-            part.flat_ids[s_part : s_part + k], full.flat_ids[s_full : s_full + k]
-        )

@@ -5,14 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require_oracle
+from network_fixtures import FAST_COMPILE
+from raster_cases import TALL, WIDE, wide_scene
 from render_oracle import gsplat_project, random_scene
 
 from uika_jax.render import projection
 
-SCENES = [(0, 300, 70, 45, 2), (1, 500, 128, 96, 3), (2, 200, 50, 37, 1)]
-
-
-_project = jax.jit(projection.project, static_argnums=(6, 7), static_argnames=("radius_rule",))
+_project = jax.jit(
+    projection.project,
+    static_argnums=(6, 7),
+    static_argnames=("radius_rule",),
+    compiler_options=FAST_COMPILE,
+)
 
 
 def _ours(scene, rule):
@@ -31,7 +35,7 @@ def _ours(scene, rule):
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("rule", ["opacity", "3sigma"])
-@pytest.mark.parametrize("seed,n,w,h,c", SCENES)
+@pytest.mark.parametrize("seed,n,w,h,c", [WIDE, TALL])
 def test_projection_matches_gsplat(rule, seed, n, w, h, c):
     torch = require_oracle("torch")
     ti = require_oracle("gsplat.cuda._torch_impl")
@@ -47,7 +51,7 @@ def test_projection_matches_gsplat(rule, seed, n, w, h, c):
 
 
 def test_opacity_rule_culls_transparent_and_near():
-    scene = random_scene(0, 300, 70, 45, 2)
+    scene = wide_scene()
     ours = _ours(scene, "opacity")
     low = scene["opacities"] < 1.0 / 255.0
     assert (np.asarray(ours.radii)[:, low] == 0).all()
@@ -56,7 +60,8 @@ def test_opacity_rule_culls_transparent_and_near():
 
 
 def test_projection_gradients_finite_with_culled_and_invalid():
-    scene = random_scene(1, 200, 64, 48, 2)
+    scene = wide_scene()
+    _, n, w, h, _ = WIDE
     means = jnp.asarray(scene["means"]).at[3].set(jnp.nan)
     valid = projection.gaussian_validity(
         means,
@@ -64,7 +69,7 @@ def test_projection_gradients_finite_with_culled_and_invalid():
         jnp.asarray(scene["scales"]),
         jnp.asarray(scene["opacities"]),
     )
-    assert not bool(valid[3]) and int(valid.sum()) == 199
+    assert not bool(valid[3]) and int(valid.sum()) == n - 1
 
     def loss(means, scales):
         p = projection.project(
@@ -74,8 +79,8 @@ def test_projection_gradients_finite_with_culled_and_invalid():
             jnp.asarray(scene["opacities"]),
             jnp.asarray(scene["viewmats"]),
             jnp.asarray(scene["Ks"]),
-            64,
-            48,
+            w,
+            h,
             valid=valid,
         )
         return (
@@ -84,6 +89,7 @@ def test_projection_gradients_finite_with_culled_and_invalid():
             + jnp.sum(jnp.where(p.radii[..., 0] > 0, p.depths, 0))
         )
 
-    g_means, g_scales = jax.jit(jax.grad(loss, argnums=(0, 1)))(means, jnp.asarray(scene["scales"]))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=FAST_COMPILE)
+    g_means, g_scales = grad(means, jnp.asarray(scene["scales"]))
     assert np.isfinite(np.asarray(g_means)).all() and np.isfinite(np.asarray(g_scales)).all()
     assert float(jnp.abs(g_means[3]).sum()) == 0.0
