@@ -10,7 +10,9 @@ The compile test builds the paper configuration with reduced depth and views onl
 
 abstractly (nothing allocated), applies the config's shardings on a 2 x 2 x 2
 (data, fsdp, tensor) mesh, lowers and compiles the jitted value-and-grad of a loss on
-the reconstructed Gaussians, and prints `compiled.memory_analysis()` per device.
+the reconstructed Gaussians, and prints `compiled.memory_analysis()` per device. It compiles
+with the tests' fast XLA:CPU options (a fifth of the compile time; the memory figures move
+by under 0.01 GiB: temporaries 5.716 GiB against 5.722 with the default options).
 """
 
 import math
