@@ -41,11 +41,12 @@ def _args():
     return scene_arrays(wide_scene())
 
 
-def _value_and_grad(*args, backgrounds=None, weights_seed=0):
-    """`render_value_and_grad` (RGB+D) of the 7 `rasterization` arrays on `WIDE`."""
-    backgrounds = jnp.zeros((C, 3)) if backgrounds is None else backgrounds
-    weights = loss_weights(weights_seed, (C, H, W), 4)
-    return render_value_and_grad(*args[:5], backgrounds, *args[5:], *weights, width=W, height=H)
+def _value_and_grad(*args):
+    """`render_value_and_grad` (RGB+D, black backgrounds) of 7 `rasterization` arrays on `WIDE`."""
+    weights = loss_weights(0, (C, H, W), 4)
+    return render_value_and_grad(
+        *args[:5], jnp.zeros((C, 3)), *args[5:], *weights, width=W, height=H
+    )
 
 
 def test_vmap_and_per_camera_colors_match_single_scenes():
