@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import math
 import os
-import secrets
-import zipfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -45,13 +42,21 @@ import numpy as np
 from uika_jax.head.model import HeadModel, ModelFingerprint, array_digest, validate_head_model
 from uika_jax.head.pickled import (
     DEFAULT_LIMITS,
-    PLAIN_DTYPES,
     ModelFileLimits,
     PickledObject,
     RestrictedPickleError,
     checked_shape,
 )
 from uika_jax.head.safe_pickle import load_restricted_pickle
+from uika_jax.safe_files import (
+    MAX_STRING_CHARS,
+    NPY_MAGIC,
+    PLAIN_DTYPES,
+    ZIP_MAGIC,
+    atomic_write,
+    file_magic,
+    read_npz,
+)
 
 NUM_SHAPE_IN_FILE = 300
 """Identity components before the expression components in a FLAME `shapedirs`."""
@@ -81,7 +86,6 @@ NPZ_KEYS = (
 
 _NPZ_OPTIONAL_KEYS = ("uv_coords", "uv_faces", "fingerprint_source", "fingerprint_version")
 _NPZ_STRING_KEYS = ("fingerprint_source", "fingerprint_version")
-_MAX_STRING_CHARS = 1024
 
 _PathLike = str | os.PathLike[str]
 
@@ -91,10 +95,6 @@ class HeadModelFileError(ValueError):
 
 
 # --------------------------------------------------------------------------- reading files
-
-
-_ZIP_MAGIC = b"PK\x03\x04"
-_NPY_MAGIC = b"\x93NUM"
 
 
 def _checked_file(path: Path, what: str, limits: ModelFileLimits) -> None:
@@ -113,11 +113,6 @@ def _checked_file(path: Path, what: str, limits: ModelFileLimits) -> None:
         )
 
 
-def _magic(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return f.read(4)
-
-
 def _read_pickle(path: Path, limits: ModelFileLimits) -> object:
     try:
         return load_restricted_pickle(path, str(path), limits)
@@ -125,88 +120,19 @@ def _read_pickle(path: Path, limits: ModelFileLimits) -> object:
         raise HeadModelFileError(str(e)) from e
 
 
-def _read_npy_member(
-    archive: zipfile.ZipFile,
-    member: zipfile.ZipInfo,
-    key: str,
-    origin: str,
-    budget: int,
-    limits: ModelFileLimits,
-) -> np.ndarray:
-    """Reads one `.npy` member: its header first, checked, then exactly the declared bytes.
-
-    Raises:
-      HeadModelFileError: if the header declares a refused dtype, a shape over
-        the element cap, more bytes than the member holds or than `budget`.
-      ValueError: (from numpy or zipfile) if the member is not a readable `.npy`.
-    """
-    with archive.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f".npy format {version}, expected 1.0 or 2.0")
-        string = key in _NPZ_STRING_KEYS and dtype.kind == "U" and shape == ()
-        if dtype.str not in PLAIN_DTYPES and not (
-            string and dtype.itemsize <= 4 * _MAX_STRING_CHARS
-        ):
-            raise HeadModelFileError(
-                f"{origin}: {key} has dtype {dtype}, expected a plain numeric type"
-            )
-        try:
-            checked_shape(shape, limits)
-        except ValueError as e:
-            raise HeadModelFileError(f"{origin}: {key}: {e}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        available = member.file_size - f.tell()
-        if nbytes > available:
-            raise HeadModelFileError(
-                f"{origin}: {key}: its header declares shape {shape} of {dtype} "
-                f"({nbytes:,} bytes), the member holds only {max(available, 0):,} bytes of data"
-            )
-        if nbytes > budget:
-            raise HeadModelFileError(
-                f"{origin}: its arrays exceed {limits.max_total_bytes:,} bytes "
-                "(ModelFileLimits.max_total_bytes)"
-            )
-        data = f.read(nbytes)
-    if len(data) != nbytes:
-        raise ValueError(f"{key}: truncated array data ({len(data):,} of {nbytes:,} bytes)")
-    order = "F" if fortran_order else "C"
-    return np.frombuffer(data, dtype).reshape(shape, order=order)
-
-
 def _read_npz(
     path: Path, wanted: Collection[str], limits: ModelFileLimits
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Reads the `wanted` arrays of an `.npz`; returns them and the names of all its arrays.
-
-    Headers are checked (dtype, shape cap, declared size against the member's
-    uncompressed size, total against `limits.max_total_bytes`) before any data is read.
-    """
-    if _magic(path) != _ZIP_MAGIC:
-        raise HeadModelFileError(f"{path}: not an .npz archive (no zip signature; corrupt?)")
-    arrays: dict[str, np.ndarray] = {}
-    budget = limits.max_total_bytes
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
-            names = [m.filename[: -len(".npy")] for m in members]
-            for name, member in zip(names, members, strict=True):
-                if name in wanted:
-                    arrays[name] = _read_npy_member(
-                        archive, member, name, str(path), budget, limits
-                    )
-                    budget -= arrays[name].nbytes
-    except HeadModelFileError:
-        raise
-    except Exception as e:
-        raise HeadModelFileError(
-            f"{path}: not a readable .npz (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from e
-    return arrays, names
+    """Reads the `wanted` arrays of an `.npz` within `limits` (`uika_jax.safe_files.read_npz`)."""
+    return read_npz(
+        path,
+        wanted,
+        check_shape=lambda shape: checked_shape(shape, limits),
+        max_total_bytes=limits.max_total_bytes,
+        max_total_bytes_name="ModelFileLimits.max_total_bytes",
+        string_keys=_NPZ_STRING_KEYS,
+        error=HeadModelFileError,
+    )
 
 
 # --------------------------------------------------------------------------- array conversion
@@ -511,10 +437,10 @@ def load_head_model(
     _checked_file(path, "head model", limits)
     origin = str(path)
     source, version = flame_source(path.name), path.name
-    magic = _magic(path)
-    if magic == _NPY_MAGIC:
+    magic = file_magic(path)
+    if magic == NPY_MAGIC:
         raise HeadModelFileError(f"{path}: a single .npy array, expected a FLAME .pkl or .npz")
-    if magic == _ZIP_MAGIC or path.suffix.lower() == ".npz":
+    if magic == ZIP_MAGIC or path.suffix.lower() == ".npz":
         raw, found = _read_npz(path, (*FLAME_PKL_KEYS, *NPZ_KEYS, *_NPZ_OPTIONAL_KEYS), limits)
     else:
         raw = _read_pickle(path, limits)
@@ -548,8 +474,8 @@ def _stored_string(raw: Mapping[str, object], key: str, default: str, origin: st
     value = raw.get(key, default)
     if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.shape == ():
         value = str(value)
-    if not isinstance(value, str) or len(value) > _MAX_STRING_CHARS:
-        raise HeadModelFileError(f"{origin}: {key} is not a string of at most {_MAX_STRING_CHARS}")
+    if not isinstance(value, str) or len(value) > MAX_STRING_CHARS:
+        raise HeadModelFileError(f"{origin}: {key} is not a string of at most {MAX_STRING_CHARS}")
     return value
 
 
@@ -573,15 +499,8 @@ def save_head_model(model: HeadModel, path: _PathLike) -> Path:
         arrays["uv_faces"] = np.asarray(model.uv_faces)
     arrays["fingerprint_source"] = np.asarray(model.fingerprint.source)
     arrays["fingerprint_version"] = np.asarray(model.fingerprint.version)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
     return path
 
 

@@ -83,15 +83,6 @@ def is_flag(value: object) -> bool:
 
 # --------------------------------------------------------------------------- numeric types
 
-PLAIN_CODES = frozenset(
-    f"{kind}{size}"
-    for kind, sizes in (("b", (1,)), ("i", (1, 2, 4, 8)), ("u", (1, 2, 4, 8)), ("f", (2, 4, 8)))
-    for size in sizes
-)
-PLAIN_DTYPES = frozenset(
-    f"{order}{code}" for code in PLAIN_CODES for order in (("|",) if code[1] == "1" else "<>")
-)
-"""Dtype strings (`numpy.dtype.str`) accepted in model files: plain numbers only."""
 _NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
 
 
@@ -407,8 +398,6 @@ class PickledCsrMatrix(PickledSparseMatrix):
 __all__ = [
     "DEFAULT_LIMITS",
     "FLAME_LARGEST_ARRAY_ELEMENTS",
-    "PLAIN_CODES",
-    "PLAIN_DTYPES",
     "DecodeBudget",
     "ModelFileLimits",
     "PickledArray",

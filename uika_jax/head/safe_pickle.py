@@ -67,7 +67,6 @@ from collections.abc import Callable
 
 from uika_jax.head.pickled import (
     DEFAULT_LIMITS,
-    PLAIN_CODES,
     DecodeBudget,
     ModelFileLimits,
     PickledArray,
@@ -81,6 +80,7 @@ from uika_jax.head.pickled import (
     describe_value,
     is_flag,
 )
+from uika_jax.safe_files import PLAIN_CODES
 
 # --------------------------------------------------------------------------- allowed globals
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from uika_jax.safe_files import atomic_write
 from uika_jax.synthetic.albedo import synthetic_albedo
 from uika_jax.synthetic.head import synthetic_head_model
 from uika_jax.synthetic.views import render_identity
@@ -97,23 +97,13 @@ def make_contact_sheet(
 
 
 def write_png(image: np.ndarray, path: str) -> None:
-    """Writes an image atomically (a temporary file in the same folder, then os.replace).
+    """Writes an image atomically (`uika_jax.safe_files.atomic_write`).
 
     Raises:
       FileNotFoundError: if the folder of `path` does not exist (it is not created).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    handle, temp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> None:
