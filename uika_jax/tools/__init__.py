@@ -1,0 +1,1 @@
+"""The `uika` console script and its subcommands (one module each)."""
