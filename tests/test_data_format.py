@@ -20,6 +20,7 @@ from uika_jax.data.format import (
     write_index,
 )
 from uika_jax.data.reader import FrameRef, read_frame_files, read_sequence
+from uika_jax.data.sources import FolderSource
 from uika_jax.data.writer import finish_sequence, sequence_complete
 from uika_jax.safe_files import write_npz
 from uika_jax.tools.cli import main as uika
@@ -168,3 +169,24 @@ def test_unfinished_sequence_is_not_complete_and_finishing_checks_the_parameters
     with pytest.raises(DatasetFormatError, match="'pose' is not finite"):
         finish_sequence(dataset, index, "a", entry, bad)
     assert not (dataset / "a" / "talk" / "sequence.npz").exists()
+
+
+def test_folder_source_records_and_skipping_bad_frames(dataset):
+    source = FolderSource(dataset)
+    assert len(source) == 18 and source.num_skipped == 0
+    i = next(
+        i for i in range(len(source)) if source.table.ref(i) == FrameRef("c", "talk", "left", 1)
+    )
+    record = source[i]
+    image, _, _, _ = frame_pixels("c", "left", 1)
+    np.testing.assert_array_equal(record["image"], image)
+    params = tiny_params(tiny_index().subjects[2].sequences[0], 2)
+    np.testing.assert_array_equal(record["viewmat"], params.viewmats[1])
+    np.testing.assert_array_equal(record["expression"], params.expression[1])
+    assert source.table.split[i] == 2  # "c" is a test subject
+    _corrupt(dataset, "missing frame")
+    with pytest.raises(DatasetFormatError, match=r"skip_bad_frames=True[^\n]*\n.*1 bad frames"):
+        FolderSource(dataset)
+    source = FolderSource(dataset, skip_bad_frames=True)
+    assert len(source) == 17 and source.num_skipped == 1
+    assert FrameRef("a", "talk", "front", 1) not in {source.table.ref(i) for i in range(17)}
