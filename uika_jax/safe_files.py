@@ -6,8 +6,12 @@ folder, flushed and fsynced, then renamed over the destination, so a reader
 never sees a half-written file and an interrupted writer leaves the old file
 (or none) in place.
 
-`.npz` archives from outside (head models, dataset parameters, UV maps) are read
-by `read_npz`: only the wanted members; each `.npy` header parsed first (format
+Writers that open their output by name (an ArrayRecord writer) get a temporary
+path from `atomic_path` instead, renamed the same way once they are done.
+
+`.npz` archives from outside (head models, dataset parameters, UV maps, the blobs
+inside a shard record: a path, bytes or a binary file) are read by `read_npz`:
+only the wanted members; each `.npy` header parsed first (format
 1.0 or 2.0) and checked (a plain numeric dtype, the caller's shape check, the
 declared bytes against the member's uncompressed size and a byte budget) before
 its data is read; nothing is unpickled.
@@ -16,6 +20,7 @@ its data is read; nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import secrets
@@ -48,6 +53,21 @@ MAX_STRING_CHARS = 1024
 """Longest unicode scalar `read_npz` accepts in a member named in `string_keys`."""
 
 
+def _temporary_beside(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(the destination, a fresh temporary name in its folder); the folder must exist."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
+    return path, folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _publish(temp: Path, path: Path) -> None:
+    """Makes a finished temporary file readable and renames it over the destination."""
+    os.chmod(temp, 0o644)
+    os.replace(temp, path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Opens a temporary file beside `path` for binary writing; renames it over `path` on success.
@@ -63,18 +83,45 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     Raises:
       FileNotFoundError: if the destination's folder does not exist.
     """
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    temp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    path, temp = _temporary_beside(path)
     try:
         with temp.open("xb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
+        _publish(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for a writer that opens files by name.
+
+    When the body returns (the writer closed), the file is fsynced and renamed over
+    `path`; if the body raises, the temporary file is removed.
+
+    Args:
+      path: the destination; its folder must exist (it is not created).
+
+    Yields:
+      The temporary path (nothing exists there yet).
+
+    Raises:
+      FileNotFoundError: if the destination's folder does not exist, or the body
+        wrote nothing at the temporary path.
+    """
+    path, temp = _temporary_beside(path)
+    try:
+        yield temp
+        if not temp.is_file():
+            raise FileNotFoundError(f"{path}: the writer left no file at {temp}")
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _publish(temp, path)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -101,6 +148,23 @@ def file_magic(path: Path) -> bytes:
     """The first four bytes of a file."""
     with path.open("rb") as f:
         return f.read(4)
+
+
+NpzSource = str | os.PathLike | bytes | BinaryIO
+"""What `read_npz` reads: a file's path, an archive's bytes, or a seekable binary file object."""
+
+
+def _open_npz(source: NpzSource) -> tuple[bytes, BinaryIO | Path]:
+    """(the first four bytes, something `zipfile.ZipFile` opens) of an archive."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return data[:4], io.BytesIO(data)
+    if isinstance(source, (str, os.PathLike)):
+        return file_magic(Path(source)), Path(source)
+    start = source.tell()
+    magic = source.read(4)
+    source.seek(start)
+    return magic, source
 
 
 def _read_member(
@@ -149,7 +213,7 @@ def _read_member(
 
 
 def read_npz(
-    path: Path,
+    source: NpzSource,
     wanted: Collection[str],
     *,
     check_shape: Callable[[tuple[int, ...]], object],
@@ -157,11 +221,12 @@ def read_npz(
     max_total_bytes_name: str = "max_total_bytes",
     string_keys: Collection[str] = (),
     error: type[Exception] = ValueError,
+    origin: str | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Reads the `wanted` arrays of an untrusted `.npz`; returns them and all its member names.
 
     Args:
-      path: the archive.
+      source: the archive: its path, its bytes, or a seekable binary file object.
       wanted: member names (without `.npy`) to read; others are left unread.
       check_shape: called with each wanted member's declared shape before anything is
         allocated; raises ValueError to refuse it.
@@ -169,6 +234,7 @@ def read_npz(
       max_total_bytes_name: how the error message names that cap (the setting to change).
       string_keys: members that may hold a unicode scalar (at most `MAX_STRING_CHARS`).
       error: the exception type raised (its message names the file).
+      origin: how messages name the archive (default: the path, or "npz bytes").
 
     Returns:
       (name -> read-only array, names of every `.npy` member).
@@ -176,13 +242,15 @@ def read_npz(
     Raises:
       `error`: if the file is not a zip archive, a member is refused, or it is corrupt.
     """
-    if file_magic(path) != ZIP_MAGIC:
+    path = origin or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "npz bytes")
+    magic, archive_source = _open_npz(source)
+    if magic != ZIP_MAGIC:
         raise error(f"{path}: not an .npz archive (no zip signature; corrupt?)")
     arrays: dict[str, np.ndarray] = {}
     budget = max_total_bytes
     budget_text = f"{max_total_bytes:,} bytes ({max_total_bytes_name})"
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(archive_source) as archive:
             members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
             names = [m.filename[: -len(".npy")] for m in members]
             for name, member in zip(names, members, strict=True):
@@ -191,7 +259,7 @@ def read_npz(
                         archive,
                         member,
                         name,
-                        str(path),
+                        path,
                         budget,
                         budget_text,
                         check_shape,
