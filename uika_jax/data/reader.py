@@ -2,15 +2,17 @@
 
 `read_sequence` reads and checks one `sequence.npz` (shapes against the index,
 finite values, cameras whose rotation is a rotation, positive focal lengths);
-`read_image`, `read_mask` and `read_uv` read one frame's files, checking the
-declared image size before decoding. Every error is a `DatasetFormatError`
-naming the file and what is wrong. `uika_jax.data.checks` runs them over a whole
-dataset up front; the pipeline reads through them.
+`read_image`, `read_mask` and `read_uv` read one frame's files (or their bytes,
+packed in a shard record), checking the declared image size before decoding.
+Every error is a `DatasetFormatError` naming the file and what is wrong.
+`uika_jax.data.checks` runs them over a whole dataset up front; the pipeline
+reads through them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from pathlib import Path
 
@@ -144,12 +146,19 @@ def read_sequence(root: str | Path, index: DatasetIndex, subject: str, entry: Se
     return SequenceParams(**arrays)
 
 
-def _open_image(path: Path, size: int, modes: tuple[str, ...], what: str) -> np.ndarray:
+FileContents = Path | bytes
+"""A frame file: its path, or its bytes as packed in a shard record."""
+
+
+def _open_image(
+    source: FileContents, size: int, modes: tuple[str, ...], what: str, origin: str | None
+) -> np.ndarray:
     """Opens an image, checks its declared size and mode before decoding, decodes it."""
-    if not path.is_file():
+    path = origin or source
+    if isinstance(source, Path) and not source.is_file():
         raise FileNotFoundError(f"{path}: missing {what}")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             if image.size != (size, size):
                 raise DatasetFormatError(
                     f"{path}: {what} is {image.size[0]}x{image.size[1]}, expected {size}x{size}"
@@ -163,26 +172,33 @@ def _open_image(path: Path, size: int, modes: tuple[str, ...], what: str) -> np.
         raise DatasetFormatError(f"{path}: unreadable {what}: {e}") from None
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One frame: (size, size, 3) uint8 RGB."""
-    return _open_image(path, size, ("RGB",), "image")
+def read_image(source: FileContents, size: int, origin: str | None = None) -> np.ndarray:
+    """One frame (a file, or its bytes named `origin` in errors): (size, size, 3) uint8 RGB."""
+    return _open_image(source, size, ("RGB",), "image", origin)
 
 
-def read_mask(path: Path, size: int) -> np.ndarray:
-    """One foreground mask: (size, size) uint8 alpha."""
-    return _open_image(path, size, ("L",), "mask")
+def read_mask(source: FileContents, size: int, origin: str | None = None) -> np.ndarray:
+    """One foreground mask (a file, or its bytes named `origin`): (size, size) uint8 alpha."""
+    return _open_image(source, size, ("L",), "mask", origin)
 
 
-def read_uv(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One UV map: (image UV (size, size, 2) float32, validity (size, size) bool)."""
-    if not path.is_file():
+def read_uv(
+    source: FileContents, size: int, origin: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One UV map (a file, or its bytes named `origin`): (image UV, validity).
+
+    The image UV is (size, size, 2) float32, the validity (size, size) bool.
+    """
+    path = origin or source
+    if isinstance(source, Path) and not source.is_file():
         raise FileNotFoundError(f"{path}: missing UV map")
     raw, _ = read_npz(
-        path,
+        source,
         ("uv",),
         check_shape=_check_shape,
         max_total_bytes=4 * size * size + 1024,
         error=DatasetFormatError,
+        origin=origin,
     )
     encoded = raw.get("uv")
     if encoded is None or encoded.shape != (size, size, 2) or encoded.dtype != np.uint16:

@@ -115,6 +115,7 @@ class FolderSource:
         fingerprint: str | None = None,
         skip_bad_frames: bool = False,
         decode_frames: bool = True,
+        progress: bool = False,
     ):
         """Opens and checks a dataset.
 
@@ -124,12 +125,15 @@ class FolderSource:
           skip_bad_frames: leave bad frames out (counted in `num_skipped`) instead of failing.
           decode_frames: decode every file while checking (else parameters only; a bad
             frame file then fails when it is read).
+          progress: show a progress bar while checking.
 
         Raises:
           DatasetFormatError: listing the problems, unless they are bad frames skipped.
         """
         self.root = Path(root)
-        report = check_dataset(root, fingerprint=fingerprint, decode_frames=decode_frames)
+        report = check_dataset(
+            root, fingerprint=fingerprint, decode_frames=decode_frames, progress=progress
+        )
         fatal = [p for p in report.problems if not p.frames]
         if fatal or (report.problems and not skip_bad_frames):
             hint = "" if fatal else " (skip_bad_frames=True uses the rest)"
