@@ -15,7 +15,6 @@ import sys
 
 SUBCOMMANDS = {
     "check": "uika_jax.tools.check",
-    "import-vhap": "uika_jax.tools.import_vhap",
     "pack": "uika_jax.tools.pack",
 }
 
