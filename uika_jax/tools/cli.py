@@ -15,6 +15,7 @@ import sys
 
 SUBCOMMANDS = {
     "check": "uika_jax.tools.check",
+    "import-vhap": "uika_jax.tools.import_vhap",
     "pack": "uika_jax.tools.pack",
 }
 
