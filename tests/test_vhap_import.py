@@ -346,6 +346,13 @@ def test_second_import_skips_and_more_subjects_are_added(export, imported, capsy
     assert check_dataset(imported, decode_frames=False).ok
     assert image.stat().st_mtime_ns == before
 
+    interrupted = imported / "other" / "vhap"
+    (interrupted / "sequence.npz").unlink()
+    (interrupted / CAMERAS[1][0] / "uv" / "000002.npz").unlink()
+    assert import_vhap(export, imported, *options) == 0
+    assert "2 cameras x 3 frames" in capsys.readouterr().out
+    assert check_dataset(imported).ok
+
 
 def test_coefficient_counts_are_fitted_only_when_asked(tmp_path):
     values = np.arange(4.0)

@@ -30,6 +30,7 @@ before they are read, and every error names the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,6 +49,7 @@ TEETH_VERTICES = 120
 TRANSFORMS_FILE = "transforms.json"
 SPLIT_TRANSFORMS = ("transforms_train.json", "transforms_val.json", "transforms_test.json")
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+COUNT_KEYS = ("w", "h", "timestep_index", "camera_index")
 PATH_KEYS = {"image": "file_path", "mask": "fg_mask_path", "flame_param": "flame_param_path"}
 POSE_KEYS = {"rotation": 3, "neck_pose": 3, "jaw_pose": 3, "eyes_pose": 6, "translation": 3}
 COEFFICIENT_POLICIES = ("strict", "pad", "fit")
@@ -114,17 +116,15 @@ def opengl_c2w_to_opencv_w2c(c2w: np.ndarray) -> np.ndarray:
     return np.linalg.inv(np.asarray(c2w, np.float64) @ OPENGL_TO_OPENCV)
 
 
-def _number(value: object, key: str, origin: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise VhapExportError(f"{origin}: '{key}' must be a finite number, got {value!r:.80}")
-    return float(value)
-
-
-def _integer(value: object, key: str, origin: str) -> int:
-    number = _number(value, key, origin)
-    if number != int(number) or number < 0:
-        raise VhapExportError(f"{origin}: '{key}' must be a non-negative integer, got {value!r}")
-    return int(number)
+def _number(value: object, key: str, origin: str, *, integer: bool = False) -> float:
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            number = float(value)
+    if not math.isfinite(number) or (integer and (number != int(number) or number < 0)):
+        kind = "a non-negative integer" if integer else "a finite number"
+        raise VhapExportError(f"{origin}: '{key}' must be {kind}, got {value!r:.80}")
+    return number
 
 
 def _relative_file(root: Path, value: object, key: str, origin: str) -> Path:
@@ -195,13 +195,14 @@ def _parse_frame(frame: object, top: dict, root: Path, origin: str) -> _Frame:
     if missing:
         raise VhapExportError(f"{origin}: missing {', '.join(missing)}")
     value = {k: _number(frame.get(k, top.get(k)), k, origin) for k in INTRINSIC_KEYS}
-    size = (_integer(value["w"], "w", origin), _integer(value["h"], "h", origin))
+    count = {k: int(_number(frame.get(k, top.get(k)), k, origin, integer=True)) for k in COUNT_KEYS}
+    size = (count["w"], count["h"])
     if min(size) < 1 or min(value["fl_x"], value["fl_y"]) <= 0:
         raise VhapExportError(f"{origin}: image size and focal lengths must be positive")
     paths = {kind: _relative_file(root, frame[key], key, origin) for kind, key in PATH_KEYS.items()}
     return _Frame(
-        timestep=_integer(frame["timestep_index"], "timestep_index", origin),
-        camera=_integer(frame["camera_index"], "camera_index", origin),
+        timestep=count["timestep_index"],
+        camera=count["camera_index"],
         camera_id=str(frame.get("camera_id", "")),
         c2w=_c2w(frame["transform_matrix"], origin),
         K=np.array(
@@ -214,11 +215,9 @@ def _parse_frame(frame: object, top: dict, root: Path, origin: str) -> _Frame:
 
 
 def _is_id(value: str) -> bool:
-    try:
-        check_id(value, "camera id", "")
-    except DatasetFormatError:
-        return False
-    return True
+    with contextlib.suppress(DatasetFormatError):
+        return check_id(value, "camera id", "") == value
+    return False
 
 
 def read_export(src: str | Path) -> VhapExport:
@@ -322,8 +321,9 @@ def _squeezed(value: np.ndarray, ndim: int, key: str, path: Path) -> np.ndarray:
 def read_flame_param(path: Path) -> dict[str, np.ndarray]:
     """Reads one timestep's parameter file; returns float64 arrays without the leading axis.
 
-    Keys: the pose keys (`POSE_KEYS`, flat), `shape` (S,), `expr` (E,) and, if
-    present, `static_offset` (V, 3).
+    Keys: the pose keys (`POSE_KEYS`, flat), `left_eye` and `right_eye` (the two
+    halves of `eyes_pose`), `shape` (S,), `expr` (E,) and, if present,
+    `static_offset` (V, 3).
 
     Raises:
       VhapExportError: naming the file, if it is unreadable, lacks a key, has a
@@ -346,8 +346,9 @@ def read_flame_param(path: Path) -> dict[str, np.ndarray]:
         out[key] = _squeezed(raw[key], 1, key, path)
         if out[key].shape != (size,):
             raise VhapExportError(f"{path}: '{key}' has {out[key].size} values, expected {size}")
-    out["shape"] = _squeezed(raw["shape"], 1, "shape", path)
-    out["expr"] = _squeezed(raw["expr"], 1, "expr", path)
+    out["left_eye"], out["right_eye"] = out["eyes_pose"][:3], out["eyes_pose"][3:]
+    for key in ("shape", "expr"):
+        out[key] = _squeezed(raw[key], 1, key, path)
     if "static_offset" in raw:
         out["static_offset"] = _squeezed(raw["static_offset"], 2, "static_offset", path)
         if out["static_offset"].shape[1] != 3:
@@ -378,10 +379,12 @@ def fit_coefficients(
         return np.concatenate([values, np.zeros((*values.shape[:-1], count - n))], axis=-1)
     if n > count and policy == "fit":
         return values[..., :count]
-    option = "--coefficients pad (zero-pad: exact)" if n < count else "--coefficients fit"
+    if n < count:
+        option = "--coefficients pad (zero-pads: exact)"
+    else:
+        option = f"--coefficients fit (drops the last {n - count}: lossy)"
     raise VhapExportError(
         f"{origin}: '{what}' has {n} coefficients, the head model has {count}; pass {option} "
-        f"{'' if n < count else '(drops the last ' + str(n - count) + ': lossy) '}"
         "or use the head model VHAP tracked with"
     )
 
@@ -411,13 +414,6 @@ def fit_static_offset(offset: np.ndarray, num_vertices: int, teeth: str, origin:
         f"{origin}: 'static_offset' has {rows} rows, the head model has {num_vertices} vertices "
         f"(or {num_vertices + TEETH_VERTICES} with VHAP's teeth): another head model?"
     )
-
-
-def _pose_row(params: dict[str, np.ndarray], row: str) -> np.ndarray:
-    """One pose row: VHAP's eyes_pose holds the left eye's rotation, then the right eye's."""
-    if row in ("left_eye", "right_eye"):
-        return params["eyes_pose"][:3] if row == "left_eye" else params["eyes_pose"][3:]
-    return params[row]
 
 
 def sequence_parameters(
@@ -456,13 +452,13 @@ def sequence_parameters(
         fit_coefficients(p["expr"], head.num_expression, coefficients, "expr", path)
         for path, p in frames
     ]
-    pose_rows = ("rotation", "neck_pose", "jaw_pose", "left_eye", "right_eye")
+    pose_rows = ("rotation", "neck_pose", "jaw_pose", "left_eye", "right_eye")  # POSE_ROWS
     out = {
         "shape": fit_coefficients(
             first["shape"], head.num_shape, coefficients, "shape", first_path
         ),
         "expression": np.stack(expression),
-        "pose": np.stack([[_pose_row(p, row) for row in pose_rows] for _, p in frames]),
+        "pose": np.stack([[p[row] for row in pose_rows] for _, p in frames]),
         "translation": np.stack([p["translation"] for _, p in frames]),
     }
     if "static_offset" in first:

@@ -19,8 +19,9 @@ static offset. Shape and expression counts other than the model's are refused
 unless --coefficients says how to fit them.
 
 Several imports into one DIR add subjects (or sequences of a subject); the index is
-rewritten with the union. A finished sequence is skipped on a rerun; an interrupted
-one is redone. Exit status 0 on success, 2 on bad input (the message names the file).
+rewritten with the union (run imports into one DIR one after another). A finished
+sequence is skipped on a rerun; an interrupted one is redone. Exit status 0 on
+success, 2 on bad input (the message names the file).
 """
 
 from __future__ import annotations
