@@ -72,13 +72,13 @@ def _lead_in(rng: np.random.Generator) -> float:
 _VISEMES = {
     # (jaw.pitch, lips_part, pucker, mouth_stretch, smile)
     "closed": (0.0, 0.0, 0.1, 0.0, 0.0),
-    "fv": (0.03, 0.15, 0.0, 0.1, 0.0),
-    "tdn": (0.04, 0.3, 0.0, 0.2, 0.0),
-    "aa": (0.17, 0.7, 0.0, 0.1, 0.0),
-    "ee": (0.06, 0.5, 0.0, 0.5, 0.2),
-    "oo": (0.07, 0.3, 0.9, 0.0, 0.0),
-    "oh": (0.13, 0.5, 0.5, 0.0, 0.0),
-    "eh": (0.1, 0.5, 0.0, 0.3, 0.1),
+    "fv": (0.02, 0.15, 0.0, 0.1, 0.0),
+    "tdn": (0.03, 0.3, 0.0, 0.2, 0.0),
+    "aa": (0.13, 0.7, 0.0, 0.1, 0.0),
+    "ee": (0.05, 0.5, 0.0, 0.5, 0.2),
+    "oo": (0.06, 0.3, 0.9, 0.0, 0.0),
+    "oh": (0.1, 0.5, 0.5, 0.0, 0.0),
+    "eh": (0.08, 0.5, 0.0, 0.3, 0.1),
 }
 _CONSONANTS, _VOWELS = ("closed", "fv", "tdn"), ("aa", "ee", "oo", "oh", "eh")
 
@@ -86,7 +86,7 @@ _CONSONANTS, _VOWELS = ("closed", "fv", "tdn"), ("aa", "ee", "oo", "oh", "eh")
 def _talking(rng: np.random.Generator, duration: float, fps: float) -> list[Timeline]:
     """Speech: phrases of 3-12 syllables (consonant then vowel viseme, 3-7 a second).
 
-    Jaw 0 to 0.2 rad; lips_part to 0.84, pucker to 1.08, mouth_stretch to 0.6,
+    Jaw 0 to 0.16 rad; lips_part to 0.84, pucker to 1.08, mouth_stretch to 0.6,
     smile to 0.24 (viseme targets times a per-phrase loudness 0.6-1.2); pauses
     of 0.2-0.8 s with the mouth closed.
     """
@@ -134,7 +134,7 @@ def _blinks(rng: np.random.Generator, duration: float, fps: float) -> list[Timel
 
     A blink closes both lids (to 1) in 50-80 ms, stays closed up to 30 ms and
     opens in 90-150 ms (about 150-250 ms in all), and 15% of blinks come twice;
-    a wink (30% of later events, either eye) closes one lid in 100-150 ms, holds
+    a wink (20% of later events, either eye) closes one lid in 100-150 ms, holds
     0.15-0.4 s and opens in 150-250 ms. Every closure is timed to fall on a frame,
     so the sampled lids reach 1.
     """
@@ -142,7 +142,7 @@ def _blinks(rng: np.random.Generator, duration: float, fps: float) -> list[Timel
     closure = rng.uniform(0.1, 1.0)
     first = True
     while lids.end < duration:
-        style = "blink" if first else rng.choice(["blink", "left", "right"], p=[0.7, 0.15, 0.15])
+        style = "blink" if first else rng.choice(["blink", "left", "right"], p=[0.8, 0.1, 0.1])
         first = False
         closed = {"blink": [1.0, 1.0], "left": [1.0, 0.0], "right": [0.0, 1.0]}[style]
         wink = style != "blink"
