@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from uika_jax.data.format import DatasetFormatError, HeadModelInfo, check_id
+from uika_jax.data.reader import camera_problem
 from uika_jax.safe_files import read_npz
 
 TEETH_VERTICES = 120
@@ -133,7 +134,10 @@ def _relative_file(root: Path, value: object, key: str, origin: str) -> Path:
         raise VhapExportError(f"{origin}: '{key}' must be a relative path, got {value!r:.80}")
     relative = PurePosixPath(value)
     if relative.is_absolute() or ".." in relative.parts:
-        raise VhapExportError(f"{origin}: '{key}' {value!r} leaves the export folder")
+        raise VhapExportError(
+            f"{origin}: '{key}' {value!r} leaves the export folder (a combine_nerf_datasets "
+            "export? import each sequence's own export, with --sequence)"
+        )
     return root.joinpath(*relative.parts)
 
 
@@ -144,13 +148,9 @@ def _c2w(value: object, origin: str) -> np.ndarray:
     matrix = np.array([[_number(x, "transform_matrix", origin) for x in row] for row in matrix])
     if matrix.shape == (3, 4):
         matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
-    rotation = matrix[:3, :3]
-    if (
-        not np.allclose(matrix[3], [0, 0, 0, 1])
-        or np.abs(rotation @ rotation.T - np.eye(3)).max() > 1e-4
-        or abs(np.linalg.det(rotation) - 1.0) > 1e-4
-    ):
-        raise VhapExportError(f"{origin}: 'transform_matrix' is not a rigid camera-to-world")
+    problem = camera_problem(matrix, np.eye(3))
+    if problem:
+        raise VhapExportError(f"{origin}: 'transform_matrix' is not a camera-to-world: {problem}")
     return matrix
 
 
@@ -193,7 +193,8 @@ def _parse_frame(frame: object, top: dict, root: Path, origin: str) -> _Frame:
     missing = [k for k in required if k not in frame]
     missing += [k for k in INTRINSIC_KEYS if k not in frame and k not in top]
     if missing:
-        raise VhapExportError(f"{origin}: missing {', '.join(missing)}")
+        hint = " (export with --flame-mode param, the default)" * ("flame_param_path" in missing)
+        raise VhapExportError(f"{origin}: missing {', '.join(missing)}{hint}")
     value = {k: _number(frame.get(k, top.get(k)), k, origin) for k in INTRINSIC_KEYS}
     count = {k: int(_number(frame.get(k, top.get(k)), k, origin, integer=True)) for k in COUNT_KEYS}
     size = (count["w"], count["h"])
@@ -478,8 +479,7 @@ def read_source_frame(path: Path, camera: VhapCamera, *, is_mask: bool) -> np.nd
     mask is the export's foreground mask); masks grey, 1-bit, palette or RGB.
 
     Raises:
-      VhapExportError: naming the file, if it is unreadable, of another size, or a
-        mode other than those.
+      VhapExportError: naming the file, if it is unreadable, of another size or mode.
     """
     what, modes = (
         ("mask", ("L", "1", "P", "RGB")) if is_mask else ("image", ("L", "P", "RGB", "RGBA"))
