@@ -13,14 +13,13 @@ from data_fixtures import SIZE, write_tiny_dataset
 from PIL import Image
 
 from uika_jax.data.format import DatasetFormatError
+from uika_jax.data.shard_records import encode_record, split_record
 from uika_jax.data.shards import (
     MANIFEST_FILE,
     WRITER_OPTIONS,
     ShardSource,
-    encode_record,
     pack_dataset,
     shard_name,
-    split_record,
 )
 from uika_jax.data.sources import FolderSource
 from uika_jax.tools.cli import main as uika
@@ -98,6 +97,11 @@ def _with_blob(records, position, **blobs):
     return encode_record(**(split_record(records[position], "test") | blobs))
 
 
+def _nan_params(blob):
+    """The blob with its first expression coefficient (after the 32-byte header) NaN."""
+    return blob[:32] + np.float32(np.nan).tobytes() + blob[36:]
+
+
 BAD_RECORDS = {
     "truncated": (
         lambda r, p: r[p][:-50],
@@ -113,8 +117,16 @@ BAD_RECORDS = {
         f"mask is {SIZE}x{SIZE - 1}, expected",
     ),
     "params not npz": (
-        lambda r, p: _with_blob(r, p, params=b"PK-not-an-npz" * 9),
-        "params: not an .npz archive",
+        lambda r, p: _with_blob(r, p, params=b"PK-not-params" * 9),
+        "params: not a params blob",
+    ),
+    "params truncated": (
+        lambda r, p: _with_blob(r, p, params=split_record(r[p], "test")["params"][:-4]),
+        "params: [0-9,]+ bytes, expected [0-9,]+ .truncated",
+    ),
+    "params not finite": (
+        lambda r, p: _with_blob(r, p, params=_nan_params(split_record(r[p], "test")["params"])),
+        "params: not finite",
     ),
     "another record": (lambda r, p: r[p + 1], "holds record 7 .* the manifest expects 6"),
 }
@@ -153,7 +165,7 @@ def test_rerun_rewrites_only_the_missing_shard_and_a_missing_shard_is_refused(
     assert missing.read_bytes() == original
     assert not list(shards.glob(".*tmp")) and len(ShardSource(shards)) == 18
     assert uika([*args[:-1], "5"]) == 1
-    assert "holds a pack of another dataset or records-per-shard" in capsys.readouterr().err
+    assert "holds a pack of another dataset, records-per-shard or set" in capsys.readouterr().err
 
 
 def test_bad_frames_are_an_error_or_skipped_and_listed(packed, tmp_path):
