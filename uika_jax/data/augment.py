@@ -7,7 +7,8 @@ probability and in this order (a camera pipeline's):
 
 - colour jitter: brightness and contrast scale, saturation towards grey, and a
   per-channel gain (white balance), each factor uniform in [1 - a, 1 + a];
-- Gaussian blur with sigma uniform in `blur_sigma` pixels;
+- Gaussian blur with sigma uniform in `blur_sigma`, in pixels of a 512 x 512 image
+  (scaled with the image size, so a blur looks alike at every resolution);
 - additive Gaussian noise with sigma uniform in `noise_sigma` (8-bit levels);
 - JPEG re-encoding at a quality uniform in `jpeg_quality`.
 
@@ -24,6 +25,9 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+BLUR_REFERENCE_SIZE = 512
+"""Image size at which `AugmentConfig.blur_sigma` is in pixels."""
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -35,7 +39,7 @@ class AugmentConfig:
     saturation: float = 0.3
     channel_gain: float = 0.05
     blur_probability: float = 0.2
-    blur_sigma: tuple[float, float] = (0.3, 1.5)
+    blur_sigma: tuple[float, float] = (0.5, 4.0)
     noise_probability: float = 0.2
     noise_sigma: tuple[float, float] = (1.0, 8.0)
     jpeg_probability: float = 0.3
@@ -72,7 +76,7 @@ def _jitter(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) 
 
 
 def _blur(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
-    sigma = rng.uniform(*config.blur_sigma)
+    sigma = rng.uniform(*config.blur_sigma) * image.shape[0] / BLUR_REFERENCE_SIZE
     return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
 
 
