@@ -1,6 +1,7 @@
 """The grain pipeline: batch layout per bucket, sample rules, host agreement, resuming, mixing."""
 
 import dataclasses
+import shutil
 
 import grain
 import jax
@@ -11,7 +12,8 @@ from data_fixtures import tiny_index, write_tiny_dataset
 
 from uika_jax.data.augment import AugmentConfig
 from uika_jax.data.format import SPLITS
-from uika_jax.data.pipeline import Pipeline, PipelineConfig
+from uika_jax.data.pipeline import Pipeline, PipelineConfig, open_source
+from uika_jax.data.shards import ShardSource, pack_dataset
 from uika_jax.data.sources import FolderSource
 from uika_jax.sharding import make_mesh
 
@@ -224,3 +226,20 @@ def test_worker_processes_yield_the_inline_batches_and_resume(source):
     again = take(iterator, 2)
     for want, got in zip(inline + inline[2:], first + second + again, strict=True):
         jax.tree.map(np.testing.assert_array_equal, want, got)
+
+
+def test_shards_yield_the_batches_of_their_folder_bad_frames_skipped_alike(source, mesh, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(source.root, folder)
+    (folder / "a" / "talk" / "left" / "images" / "000001.png").write_bytes(b"not a png")
+    pack_dataset(folder, tmp_path / "shards", records_per_shard=16, skip_bad_frames=True)
+    assert isinstance(open_source(tmp_path / "shards"), ShardSource)
+    config = dataclasses.replace(CONFIG, skip_bad_frames=True, augment=AugmentConfig())
+    batches = [
+        take(iter(Pipeline.open([root], config, mesh=mesh)), 6)
+        for root in (folder, tmp_path / "shards")
+    ]
+    for want, got in zip(*batches, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, want, got)
+    summary = Pipeline.open([folder], config).summary()
+    assert "1 bad frames skipped" in summary, summary

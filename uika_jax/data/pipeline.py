@@ -50,17 +50,17 @@ scaled), so datasets of several sizes can mix.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from uika_jax.data.augment import AugmentConfig, augment_views
+from uika_jax.data.global_batches import GlobalBatchIterator
 from uika_jax.data.sampling import (
     AUGMENT_STREAM,
     SAMPLE_STREAM,
@@ -72,10 +72,9 @@ from uika_jax.data.sampling import (
     draw_view_count,
     stream_rng,
 )
-from uika_jax.sharding import Rules, batch_axes, batch_sharding
-
-UINT8_KEYS = ("source_image", "source_mask", "target_image", "target_mask")
-"""Keys stored as uint8 until the global batch is made (then float32 in [0, 1])."""
+from uika_jax.data.shards import MANIFEST_FILE, ShardSource
+from uika_jax.data.sources import FolderSource
+from uika_jax.sharding import Rules
 
 TARGET_PARAMETERS = ("expression", "pose", "translation", "viewmat", "intrinsics")
 
@@ -100,7 +99,7 @@ class PipelineConfig:
       read_threads: threads reading batches ahead in each reading process (0: none).
       prefetch_batches: batches each reading process keeps ready (at least read_threads).
       augment: photometric augmentation of the sources; None: off.
-      skip_bad_frames: when opening sources: leave bad frames out (counted).
+      skip_bad_frames: `Pipeline.open` leaves a folder's bad frames out (counted).
     """
 
     image_size: int
@@ -284,87 +283,22 @@ class SampleReader:
         return sample
 
 
-@jax.jit
-def _to_unit_float(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: v.astype(jnp.float32) / 255.0 if k in UINT8_KEYS else v for k, v in batch.items()}
+def open_source(path: str | Path, *, fingerprint: str | None = None, skip_bad_frames: bool = False):
+    """A dataset folder (`FolderSource`) or packed shards (`ShardSource`, `shards.json` there).
 
+    Args:
+      path: the folder (or a shard set's `shards.json`).
+      fingerprint: the configured head model's fingerprint; another one is an error.
+      skip_bad_frames: a folder's bad frames left out and counted (shards hold only the
+        frames their pack kept, its skipped frames counted in `num_skipped`).
 
-class GlobalBatchIterator:
-    """Global batches from a process's local batches; checkpointable.
-
-    `get_state()` returns bytes and `set_state(bytes)` restores them, the protocol
-    of `grain.checkpoint.CheckpointSave`/`CheckpointRestore` (orbax), which save one
-    file per process beside the model.
+    Raises:
+      FileNotFoundError, DatasetFormatError: naming the file, as the sources do.
     """
-
-    def __init__(
-        self,
-        local: grain.DatasetIterator,
-        mesh: jax.sharding.Mesh,
-        rules: Rules,
-        global_batch_size: int,
-        local_batch_size: int,
-    ):
-        """Wraps a local iterator.
-
-        Args:
-          local: yields this process's local batches (numpy).
-          mesh: the device mesh.
-          rules: logical axis rules; the "batch" rule names the mesh axes of the batch.
-          global_batch_size: rows of a global batch.
-          local_batch_size: rows of a local batch.
-
-        Raises:
-          ValueError: if the batch axes do not split the global batch evenly, or do not
-            give this process exactly its local rows.
-        """
-        axes = batch_axes(rules)
-        shards = int(np.prod([mesh.shape[a] for a in axes]))
-        if global_batch_size % shards:
-            raise ValueError(
-                f"global batch {global_batch_size} does not split over the batch axes {axes} "
-                f"({shards} shards) of mesh {dict(mesh.shape)}"
-            )
-        shape = (global_batch_size,)
-        rows = set()
-        for index in (
-            batch_sharding(mesh, rules, shape).addressable_devices_indices_map(shape).values()
-        ):
-            rows.update(range(*index[0].indices(global_batch_size)))
-        if len(rows) != local_batch_size:
-            raise ValueError(
-                f"this process's devices hold {len(rows)} rows of the batch, but it reads "
-                f"{local_batch_size}: the mesh's batch axes {axes} must give each of the "
-                f"{jax.process_count()} processes an equal, distinct share"
-            )
-        self._local = local
-        self._mesh = mesh
-        self._rules = rules
-        self.global_batch_size = global_batch_size
-
-    def __iter__(self) -> GlobalBatchIterator:
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        local = next(self._local)
-        arrays = {}
-        for key, value in local.items():
-            shape = (self.global_batch_size, *value.shape[1:])
-            sharding = batch_sharding(self._mesh, self._rules, shape)
-            arrays[key] = jax.make_array_from_process_local_data(sharding, value, shape)
-        return _to_unit_float(arrays)
-
-    def get_state(self) -> bytes:
-        """The position, as JSON bytes."""
-        return json.dumps(self._local.get_state()).encode()
-
-    def set_state(self, state: bytes) -> None:
-        """Moves to a position from `get_state` (of this process)."""
-        self._local.set_state(json.loads(state))
-
-    def start_prefetch(self) -> None:
-        """Starts reading ahead (orbax's restore calls it)."""
-        self._local.start_prefetch()
+    path = Path(path)
+    if path.name == MANIFEST_FILE or (path / MANIFEST_FILE).is_file():
+        return ShardSource(path, fingerprint=fingerprint)
+    return FolderSource(path, fingerprint=fingerprint, skip_bad_frames=skip_bad_frames)
 
 
 def _origin(source, i: int) -> str:
@@ -445,6 +379,29 @@ class Pipeline:
         )
         logging.info("data pipeline, process %d of %d:\n%s", self.process_index,
                      self.process_count, self.summary())  # fmt: skip
+
+    @classmethod
+    def open(
+        cls,
+        paths: Sequence[str | Path],
+        config: PipelineConfig,
+        *,
+        fingerprint: str | None = None,
+        **kwargs,
+    ) -> Pipeline:
+        """Opens dataset folders or shard sets (`open_source`) and builds their pipeline.
+
+        Args:
+          paths: one per source, in the order of `config.mixing_weights`.
+          config: the pipeline's config (its `skip_bad_frames` applies to folders).
+          fingerprint: the configured head model's fingerprint; another one is an error.
+          **kwargs: `mesh`, `rules`, `process_index`, `process_count` as in the constructor.
+        """
+        sources = [
+            open_source(p, fingerprint=fingerprint, skip_bad_frames=config.skip_bad_frames)
+            for p in paths
+        ]
+        return cls(sources, config, **kwargs)
 
     def summary(self) -> str:
         """Per source: identities read here, sequences too short, bad frames skipped."""
