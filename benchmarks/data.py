@@ -1,4 +1,4 @@
-"""Data pipeline throughput: samples/s from dataset folders, beside the rate training needs.
+"""Data pipeline throughput: samples/s from folders and shards, beside the rate training needs.
 
     python benchmarks/data.py [--sizes 32,512] [--workers 0,2] [--rounds 3] [--seconds 5]
         [--identities 4] [--frames 3] [--folder DIR]
@@ -7,8 +7,9 @@ Writes a dataset per image size in a temporary folder (or reads `--folder`, a
 dataset whose image size is the first of `--sizes`): `--identities` identities of
 the train split, 9 cameras, `--frames` frames each, png images of smooth colour
 fields with mild noise (compressing like renders, not like random pixels), masks
-and UV maps. The files are read through the page cache: the figures are decode
-and assembly cost, not disk or network.
+and UV maps, and packs it into ArrayRecord shards (`uika pack`, 64 records a
+shard). The files are read through the page cache: the figures are decode and
+assembly cost, not disk or network.
 
 Each row runs the whole pipeline (`uika_jax.data.pipeline.Pipeline`, global
 batches on one device, images converted to float) with the configuration's
@@ -54,8 +55,8 @@ from uika_jax.data.format import (
     SubjectEntry,
     write_index,
 )
-from uika_jax.data.pipeline import Pipeline, PipelineConfig
-from uika_jax.data.sources import FolderSource
+from uika_jax.data.pipeline import Pipeline, PipelineConfig, open_source
+from uika_jax.data.shards import pack_dataset
 from uika_jax.data.writer import SequenceParams, finish_sequence, write_frame
 from uika_jax.render.camera import framing_camera
 from uika_jax.sharding import make_mesh
@@ -171,11 +172,14 @@ def main() -> None:
                 start = time.perf_counter()
                 write_dataset(root, size, args.identities, args.frames)
                 print(f"wrote {root} in {time.perf_counter() - start:.1f} s", flush=True)
-            source = FolderSource(root)
-            for count in workers:
-                res = measure(source, shape, size, count, args.rounds, args.seconds)
-                lines.append(row("folder", shape, size, count, res))
-                print(lines[-1], flush=True)
+            shards = Path(tmp) / f"shards{size}"
+            pack_dataset(root, shards, records_per_shard=64)
+            for kind, path in (("folder", root), ("shards", shards)):
+                source = open_source(path)
+                for count in workers:
+                    res = measure(source, shape, size, count, args.rounds, args.seconds)
+                    lines.append(row(kind, shape, size, count, res))
+                    print(lines[-1], flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at end; median over {args.rounds} rounds "
           f"of at least {args.seconds} s (min-max)\n")  # fmt: skip
     print(HEADER + "\n" + "-" * len(HEADER) + "\n" + "\n".join(lines))
