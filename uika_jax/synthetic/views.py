@@ -29,6 +29,21 @@ def _posed_vertices(model: HeadModel, shape, expression, pose):
     return flame_forward(model, shape, expression, pose)[0]
 
 
+def identity_framing(model: HeadModel, shape: np.ndarray) -> tuple[np.ndarray, float]:
+    """Returns (centre (3,), height) of an identity's neutral head, crown to chin, for face framing.
+
+    Args:
+      model: a synthetic head model.
+      shape: identity coefficients (S,).
+    """
+    expression = np.zeros(model.num_expression, np.float32)
+    neutral = np.asarray(_posed_vertices(model, shape, expression, np.zeros((5, 3), np.float32)))
+    crown, chin = framing_landmarks()
+    top, bottom = neutral[crown], neutral[chin]
+    centre = np.array([0.0, 0.5 * (top[1] + bottom[1]), 0.5 * (top[2] + bottom[2])])
+    return centre, float(top[1] - bottom[1])
+
+
 def identity_camera(
     model: HeadModel, shape: np.ndarray, size: int, yaw_deg: float = 0.0, pitch_deg: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -41,12 +56,8 @@ def identity_camera(
       yaw_deg: camera orbit about +y; positive looks from the subject's left (+x).
       pitch_deg: camera elevation.
     """
-    expression = np.zeros(model.num_expression, np.float32)
-    neutral = np.asarray(_posed_vertices(model, shape, expression, np.zeros((5, 3), np.float32)))
-    crown, chin = framing_landmarks()
-    top, bottom = neutral[crown], neutral[chin]
-    centre = np.array([0.0, 0.5 * (top[1] + bottom[1]), 0.5 * (top[2] + bottom[2])])
-    return framing_camera(centre, top[1] - bottom[1], size, yaw_deg, pitch_deg)
+    centre, height = identity_framing(model, shape)
+    return framing_camera(centre, height, size, yaw_deg, pitch_deg)
 
 
 def render_identity(
