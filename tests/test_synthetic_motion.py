@@ -97,7 +97,7 @@ def test_second_differences_within_the_acceleration_limits(fps):
 
 def test_blinks_are_fast_but_continuous_and_close_the_eyes():
     for fps in (25.0, 30.0):
-        for m in sequences(int(1.5 * fps), fps, kinds=["blinks"]):
+        for m in sequences(int(0.7 * fps), fps, kinds=["blinks"]):
             assert np.any(m.expression[:, BLINKS].min(axis=1) >= 0.999), (fps, m.seed)
     fine = motion_sequence("blinks", 60000, 1, num_expression=NUM_EXPRESSION, fps=1000.0)
     lids = fine.expression[:, BLINKS]

@@ -37,11 +37,9 @@ import zlib
 import numpy as np
 
 from uika_jax.synthetic.deform import EXPRESSION_NAMES
+from uika_jax.synthetic.head import NUM_EXPRESSION
 from uika_jax.synthetic.keyframes import sample_parameters
 from uika_jax.synthetic.motion_kinds import EXPRESSION_ONLY_KINDS, GENERATORS, mixed_parts
-
-NUM_EXPRESSION = len(EXPRESSION_NAMES)
-"""The expression count of the synthetic head, whose components the kinds name."""
 
 MOTION_KINDS = (*GENERATORS, "mixed")
 """Every kind `motion_sequence` makes."""
@@ -75,26 +73,10 @@ class Motion:
         return self.pose.shape[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class _HeadStyle:
-    """What a head kind does.
-
-    Attributes:
-      axis: the main axis (0 pitch, 1 yaw, 2 roll).
-      maximum: largest |angle| about it, radians.
-      accompaniment: largest |angle| about each axis besides the main one.
-      gesture: amplitude range of repeated small oscillations (nods, shakes), or None.
-      min_neck_share: smallest share of the rotation the neck joint takes.
-    """
-
-    axis: int
-    maximum: float
-
-
-def _check_seed(seed: int, name: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {seed!r}")
-    return int(seed)
+def _non_negative_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
 
 
 def _kind_rng(kind: str, seed: int) -> np.random.Generator:
@@ -120,9 +102,10 @@ def motion_sequence(
 ) -> Motion:
     """Makes one motion sequence of a kind (see the module docstring for how).
 
-    Kinds and their ranges (radians, coefficients; `EXPRESSION_MAX` and the
-    *_MAX constants bound every kind): "talking", "smiles", "blinks", "brows",
-    "jaw", "exaggerated" (see each generator's docstring in this module);
+    Kinds and their ranges (radians, coefficients; `motion_kinds.EXPRESSION_MAX`
+    and the *_MAX constants there bound every kind): "talking", "smiles",
+    "blinks", "brows", "jaw", "exaggerated" (see each generator's docstring in
+    `motion_kinds`);
     "head_turns" (yaw to +-0.7-1.0 HEAD_YAW_MAX, head shakes), "nods" (pitch to
     +-0.7-1.0 HEAD_PITCH_MAX, nodding), "tilts" (roll to +-0.7-1.0 HEAD_ROLL_MAX),
     each with small rotations about the other axes and a translation sway;
@@ -157,7 +140,7 @@ def motion_sequence(
         raise ValueError(f"num_frames must be an int, got {num_frames!r}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    seed = _check_seed(seed)
+    seed = _non_negative_int(seed, "seed")
     if not np.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if num_expression < 0:
@@ -219,8 +202,8 @@ def sample_sequence_kinds(
     Raises:
       ValueError: for a negative seed or count.
     """
-    seed = _check_seed(seed)
-    count = _check_seed(count, "count")
+    seed = _non_negative_int(seed, "seed")
+    count = _non_negative_int(count, "count")
     kinds = usable_kinds(named_expressions)
     rng = np.random.default_rng([seed, zlib.crc32(b"sequence kinds")])
     rounds = -(-count // len(kinds))

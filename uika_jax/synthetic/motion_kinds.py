@@ -130,7 +130,7 @@ def _smiles(rng: np.random.Generator, duration: float, fps: float) -> list[Timel
 
 
 def _blinks(rng: np.random.Generator, duration: float, fps: float) -> list[Timeline]:
-    """Blinks and winks every 0.4-2.5 s; the first is a blink of both eyes within 1 s.
+    """Blinks and winks every 0.4-2.5 s; the first is a blink of both eyes closing at 0.1-0.6 s.
 
     A blink closes both lids (to 1) in 50-80 ms, stays closed up to 30 ms and
     opens in 90-150 ms (about 150-250 ms in all), and 15% of blinks come twice;
@@ -139,7 +139,7 @@ def _blinks(rng: np.random.Generator, duration: float, fps: float) -> list[Timel
     so the sampled lids reach 1.
     """
     lids = Timeline(("blink_left", "blink_right"), -_LEAD_IN)
-    closure = rng.uniform(0.1, 1.0)
+    closure = rng.uniform(0.1, 0.6)
     first = True
     while lids.end < duration:
         style = "blink" if first else rng.choice(["blink", "left", "right"], p=[0.8, 0.1, 0.1])
