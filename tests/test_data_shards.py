@@ -156,6 +156,7 @@ def test_rerun_rewrites_only_the_missing_shard_and_a_missing_shard_is_refused(
     with pytest.raises(DatasetFormatError, match=rf"lists 1 shards missing .*'{missing.name}'"):
         ShardSource(shards)
     kept = {p.name: p.stat() for p in shards.glob("shard-*")}
+    (shards / f".{missing.name}.0badf00d.tmp").write_bytes(b"left by a killed run")
     args = ["pack", str(packed[0]), "--out", str(shards), "--records-per-shard", str(K)]
     assert uika(args) == 0
     assert "18 records in 5 shards (1 written, 4 already there)" in capsys.readouterr().out

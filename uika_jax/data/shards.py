@@ -382,6 +382,8 @@ def pack_dataset(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, manifest)
+    for stale in out.glob(".shard-*.tmp"):  # left by a killed run (one pack per folder)
+        stale.unlink()
     _write_manifest(out / PLAN_FILE, manifest)
     sizes = manifest.shard_sizes()
     todo = [
