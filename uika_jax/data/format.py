@@ -362,6 +362,7 @@ def encode_uv(image_uv: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def decode_uv(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverts `encode_uv`: (image UV (H, W, 2) float32, 0 where invalid; validity (H, W))."""
-    valid = (encoded > 0).all(-1)
+    valid = (encoded[..., 0] > 0) & (encoded[..., 1] > 0)
     uv = (encoded.astype(np.float32) - 1.0) / UV_SCALE
-    return np.where(valid[..., None], uv, 0.0).astype(np.float32), valid
+    uv[~valid] = 0.0
+    return uv, valid
