@@ -4,7 +4,8 @@ A sample is one identity: 1..N_ref source views and N_d target frames of one
 sequence, disjoint (`uika_jax.data.sampling`). Several sources (folders or shards,
 anything with `index`, `table`, `len()` and `[i]` -> record, as
 `uika_jax.data.sources`) mix with `PipelineConfig.mixing_weights`, drawn per
-sample; weight 0 leaves a source out (the paper's "w/o synth" ablation).
+sample (then an identity of it uniformly, then one of the identity's sequences);
+weight 0 leaves a source out (the paper's "w/o synth" ablation).
 
 Global batch layout (B = `global_batch_size`, N = the step's bucket, N_d =
 `num_drive`, S = `image_size`, E and S' the head model's expression and shape
@@ -97,7 +98,7 @@ class PipelineConfig:
       num_steps: length of the dataset in steps.
       workers: grain worker processes (0: read in this process).
       read_threads: threads reading batches ahead in each reading process (0: none).
-      prefetch_batches: batches each reading process keeps ready (at least read_threads).
+      prefetch_batches: batches each reading process keeps ready (raised to read_threads).
       augment: photometric augmentation of the sources; None: off.
       skip_bad_frames: `Pipeline.open` leaves a folder's bad frames out (counted).
     """
@@ -114,7 +115,7 @@ class PipelineConfig:
     num_steps: int = 1 << 32
     workers: int = 0
     read_threads: int = 4
-    prefetch_batches: int = 2
+    prefetch_batches: int = 4
     augment: AugmentConfig | None = None
     skip_bad_frames: bool = False
 
@@ -260,7 +261,7 @@ class SampleReader:
             out[:count] = values
             return out
 
-        sample = {
+        return {
             "source_image": padded(images, np.uint8),
             "source_mask": padded([r["mask"] for r in sources], np.uint8),
             "source_uv": padded([r["uv"] for r in sources], np.float32),
@@ -280,7 +281,6 @@ class SampleReader:
             "monocular": np.bool_(plan.monocular),
             "step": np.int32(plan.step),
         }
-        return sample
 
 
 def open_source(path: str | Path, *, fingerprint: str | None = None, skip_bad_frames: bool = False):
