@@ -171,18 +171,29 @@ def draw_view_count(rng: np.random.Generator, buckets: Sequence[int], bucket: in
     return int(rng.integers(low, buckets[bucket] + 1))
 
 
-def _round_robin(rng: np.random.Generator, cameras: np.ndarray, count: int) -> np.ndarray:
-    """`count` distinct positions of `cameras`, cameras in a random order, frames at random."""
-    per_camera = []
-    for camera in rng.permutation(np.unique(cameras)):
-        (positions,) = np.nonzero(cameras == camera)
-        per_camera.append(rng.choice(positions, min(count, len(positions)), replace=False))
-    depth = max(len(p) for p in per_camera)
-    padded = np.full((depth, len(per_camera)), -1, np.int64)
+def _draw_in_run(rng: np.random.Generator, runs: np.ndarray, run: int, count: int) -> np.ndarray:
+    """`count` distinct positions (or all there are) of camera run `run`, at random."""
+    length = runs[run + 1] - runs[run]
+    return runs[run] + rng.choice(length, min(count, length), replace=False)
+
+
+def _round_robin(rng: np.random.Generator, runs: np.ndarray, count: int) -> np.ndarray:
+    """`count` distinct positions over the camera runs, cameras in a random order."""
+    per_camera = [_draw_in_run(rng, runs, r, count) for r in rng.permutation(len(runs) - 1)]
+    padded = np.full((max(map(len, per_camera)), len(per_camera)), -1, np.int64)
     for column, positions in enumerate(per_camera):
         padded[: len(positions), column] = positions
     flat = padded.reshape(-1)
     return flat[flat >= 0][:count]
+
+
+def _draw_outside(rng: np.random.Generator, length: int, taken: np.ndarray, count: int):
+    """`count` distinct positions of range(length) not in `taken`, at random (O(count + taken))."""
+    free = rng.choice(length - len(taken), count, replace=False)
+    taken = np.sort(taken)
+    # The free-th position outside `taken` skips every taken position j with
+    # taken[j] - j (the free positions before it) <= free.
+    return free + np.searchsorted(taken - np.arange(len(taken)), free, side="right")
 
 
 def draw_frames(
@@ -209,16 +220,13 @@ def draw_frames(
     first, last = catalogue.identity_starts[identity : identity + 2]
     sequence = int(rng.integers(first, last))
     start, stop = catalogue.sequence_starts[sequence : sequence + 2]
-    cameras = catalogue.cameras[start:stop]
-    available = len(cameras) - num_targets
+    runs = _starts(catalogue.cameras[start:stop])
+    available = stop - start - num_targets
     if monocular:
-        camera = rng.choice(np.unique(cameras))
-        (positions,) = np.nonzero(cameras == camera)
-        count = min(num_sources, len(positions), available)
-        sources = rng.choice(positions, count, replace=False)
+        run = int(rng.integers(len(runs) - 1))
+        sources = _draw_in_run(rng, runs, run, min(num_sources, available))
     else:
-        sources = _round_robin(rng, cameras, min(num_sources, available))
-    rest = np.setdiff1d(np.arange(len(cameras)), sources)
-    targets = rng.choice(rest, num_targets, replace=False)
+        sources = _round_robin(rng, runs, min(num_sources, available))
+    targets = _draw_outside(rng, stop - start, sources, num_targets)
     records = catalogue.records[start:stop]
     return identity, records[sources], records[targets]
