@@ -29,6 +29,10 @@ source views plus targets).
 - tiny: configs/tiny.py's 200 steps of batch 2 in the about 5 minutes of the
   10-minute CPU main job left to training (assumed): 1.33 samples/s.
 
+A last line times the choice of a sample's frames alone (no pixels) on a
+paper-sized sequence, 9 cameras x 13,000 frames: it must stay far below the
+reads.
+
 "x needed" is samples/s over that rate (above 1: the pipeline keeps up on this
 machine's cores; training hosts have many more).
 """
@@ -56,7 +60,9 @@ from uika_jax.data.format import (
     write_index,
 )
 from uika_jax.data.pipeline import Pipeline, PipelineConfig, open_source
+from uika_jax.data.sampling import build_catalogue, draw_frames
 from uika_jax.data.shards import pack_dataset
+from uika_jax.data.sources import FrameTable
 from uika_jax.data.writer import SequenceParams, finish_sequence, write_frame
 from uika_jax.render.camera import framing_camera
 from uika_jax.sharding import make_mesh
@@ -132,6 +138,33 @@ def measure(source, shape: str, size: int, workers: int, rounds: int, seconds: f
     return {"samples": samples, "frames": frames, "batch": config.global_batch_size}
 
 
+def plan_ms(cameras: int = 9, frames: int = 13_000, identities: int = 4) -> list[float]:
+    """Milliseconds per draw of 16 sources and 8 targets, per round of 100 draws."""
+    per_identity = cameras * frames
+    subject = np.repeat(np.arange(identities, dtype=np.int32), per_identity)
+    table = FrameTable(
+        subjects=tuple(f"id{i}" for i in range(identities)),
+        sequences=tuple(f"id{i}/talk" for i in range(identities)),
+        cameras=CAMERAS[:cameras],
+        subject=subject,
+        sequence=subject,
+        camera=np.tile(np.repeat(np.arange(cameras, dtype=np.int32), frames), identities),
+        frame=np.tile(np.arange(frames, dtype=np.int32), cameras * identities),
+        split=np.zeros(len(subject), np.int8),
+    )
+    catalogue = build_catalogue(
+        table, split="train", min_records=9, process_index=0, process_count=1, seed=0, origin=""
+    )
+    rng = np.random.default_rng(0)
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(100):
+            draw_frames(catalogue, rng, 16, 8, monocular=bool(i % 2))
+        rounds.append(10 * (time.perf_counter() - start))
+    return rounds
+
+
 HEADER = (
     f"{'source':>7} {'shape':>6} {'size':>4} {'workers':>7} {'batch':>5} | "
     f"{'samples/s':>20} {'frames/s':>20} | {'needed':>6} {'x needed':>8}"
@@ -183,6 +216,8 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f} at end; median over {args.rounds} rounds "
           f"of at least {args.seconds} s (min-max)\n")  # fmt: skip
     print(HEADER + "\n" + "-" * len(HEADER) + "\n" + "\n".join(lines))
+    print(f"\nchoosing a sample's frames (16 sources, 8 targets) in a sequence of 9 cameras x "
+          f"13,000 frames: {spread(plan_ms(), '.2f', ' ms')}")  # fmt: skip
 
 
 if __name__ == "__main__":
