@@ -19,12 +19,15 @@ from uika_jax.synthetic.head import (
     NUM_EXPRESSION,
     NUM_SHAPE,
     SHAPE_COMPONENTS,
+    SHAPE_NAMES,
     _build,
     expression_preset,
+    framing_landmarks,
     identity_coefficients,
     synthetic_head_model,
     synthetic_layout,
 )
+from uika_jax.synthetic.identity import MAX_AGE, MIN_AGE, identity_traits
 from uika_jax.synthetic.views import identity_camera
 
 forward = jax.jit(flame_forward)
@@ -73,7 +76,7 @@ def _posed(model, shape=None, expression=None, pose=None):
 def test_format(model):
     assert validate_head_model(model, "synthetic") is model
     assert 2000 <= model.num_vertices <= 6000
-    assert model.num_shape == NUM_SHAPE == 20 and model.num_expression == NUM_EXPRESSION == 10
+    assert model.num_shape == NUM_SHAPE == 30 and model.num_expression == NUM_EXPRESSION == 10
     assert model.parents == (-1, 0, 1, 1, 1) and model.has_uv
     assert model.posedirs.shape == (model.num_vertices, 3, 36)
     assert model.fingerprint.source == "synthetic"
@@ -97,9 +100,9 @@ def test_deterministic_and_read_only(model):
     np.testing.assert_array_equal(np.random.get_state()[1], state)
     more = synthetic_head_model(50, 30)
     assert more.num_shape == 50 and more.num_expression == 30
-    np.testing.assert_array_equal(more.shapedirs[..., :20], model.shapedirs)
+    np.testing.assert_array_equal(more.shapedirs[..., :NUM_SHAPE], model.shapedirs)
     np.testing.assert_array_equal(more.exprdirs[..., :10], model.exprdirs)
-    assert 0 < np.abs(more.shapedirs[..., 20:]).max() < 0.003
+    assert 0 < np.abs(more.shapedirs[..., NUM_SHAPE:]).max() < 0.003
     assert more.fingerprint.digest != model.fingerprint.digest
     with pytest.raises(ValueError, match="num_shape"):
         synthetic_head_model(-1)
@@ -287,7 +290,7 @@ def _eye_views(model, faces, eyeball_faces, shape, expression, pose, viewmat, K)
         camera = world_to_camera(vertices, viewmat)
         corners, depth = project(camera, K), camera[:, 2]
         size = EYE_IMAGE_SIZE
-        drawn = rasterize_triangles(corners[faces], depth[faces], size, size, max_extent=12)
+        drawn = rasterize_triangles(corners[faces], depth[faces], size, size, max_extent=16)
         eyeballs = rasterize_triangles(
             corners[eyeball_faces], depth[eyeball_faces], size, size, max_extent=4
         )
@@ -369,11 +372,47 @@ def test_identities_differ(model):
         assert 0.2 < h[:, 1].max() - h[h[:, 2] > 0.04, 1].min() < 0.27
 
 
+def test_identities_vary_widely(model):
+    """Over 40 seeds the head's height and width spread wider than generator version 2's.
+
+    Version 2 measured 9.6 mm (crown to chin) and 12.1 mm (width, ears included).
+    """
+    crown, chin = framing_landmarks()
+    shapes = np.stack([identity_coefficients(seed) for seed in range(40)])
+    heads = model.v_template + np.einsum("vcs,ns->nvc", model.shapedirs, shapes)
+    height = heads[:, crown, 1] - heads[:, chin, 1]
+    width = heads[..., 0].max(axis=1) - heads[..., 0].min(axis=1)
+    assert height.std() > 0.0115 and width.std() > 0.015, (height.std(), width.std())
+
+
+def test_traits_drive_sex_and_age_components():
+    traits = [identity_traits(seed) for seed in range(300)]
+    again = identity_traits(3)
+    assert (again.age, again.hair_style, again.skin_tone) == (
+        traits[3].age,
+        traits[3].hair_style,
+        traits[3].skin_tone,
+    )
+    np.testing.assert_array_equal(again.base_hair_colour, traits[3].base_hair_colour)
+    female = np.array([t.is_female for t in traits])
+    assert 0.4 < female.mean() < 0.6
+    ages = np.array([t.age for t in traits])
+    assert ages.min() >= MIN_AGE and ages.max() <= MAX_AGE and 38.0 < ages.mean() < 48.0
+    sex, age = SHAPE_NAMES.index("masculinity"), SHAPE_NAMES.index("age")
+    for seed in (0, 1, 2):
+        shape = identity_coefficients(seed)
+        assert shape[sex] == np.float32(traits[seed].masculinity)
+        assert shape[age] == np.float32(traits[seed].age_coefficient)
+        assert (shape[sex] < 0) == traits[seed].is_female
+    with pytest.raises(ValueError, match="seed"):
+        identity_traits(-1)
+
+
 def test_identity_coefficients():
-    a = identity_coefficients(7, 30)
-    np.testing.assert_array_equal(a, identity_coefficients(7, 30))
-    np.testing.assert_array_equal(a[:20], identity_coefficients(7))
-    assert a.dtype == np.float32 and not np.array_equal(a, identity_coefficients(8, 30))
+    a = identity_coefficients(7, 40)
+    np.testing.assert_array_equal(a, identity_coefficients(7, 40))
+    np.testing.assert_array_equal(a[:NUM_SHAPE], identity_coefficients(7))
+    assert a.dtype == np.float32 and not np.array_equal(a, identity_coefficients(8, 40))
     many = np.stack([identity_coefficients(s) for s in range(200)])
     assert abs(many.mean()) < 0.1 and abs(many.std() - 1.0) < 0.1
 

@@ -4,12 +4,17 @@
 `uika_jax.head.uv_raster`: texel (i, j) at u = (j + 0.5) / R, v = 1 - (i + 0.5) / R)
 for the UV layout of `uika_jax.synthetic.head`. Every texel knows the point of
 the template it shows (`surface_maps`), and the painting is a function of that
-point: a skin tone with mottling, freckles and blush; hair on the crown and the
-back with a hairline; eyebrows, lash lines and eye shadow; lips; nostrils;
-sclera, iris and pupil on the eyeball charts; teeth and a dark interior in the
-mouth cavity. Colours, sizes and optional traits (freckles, stubble, a
-receding hairline) are drawn per seed, so the map tells where on the face a
-pixel lies while identities look different.
+point: a skin tone with mottling, freckles and blush; eyebrows, lash lines and
+eye shadow; lips; nostrils; sclera, iris and pupil on the eyeball charts; teeth
+and a dark interior in the mouth cavity.
+
+The identity's traits (`identity.identity_traits`: sex, age, skin tone, hair
+colour and style) steer the look: women get thinner arched brows, smoother
+skin and often make-up; men beard shadow, stubble or a beard; age adds
+wrinkles, folds, eye bags, paler lips and grey hair (`face_paint`). Hair itself
+is geometry (`uika_jax.synthetic.hair`); the albedo paints only the scalp under
+it in the hair's colour, so gaps show hair, not skin (`hairstyle.scalp_coverage`),
+and short hair on a bald or shaved head.
 """
 
 from __future__ import annotations
@@ -22,27 +27,25 @@ import numpy as np
 from uika_jax.head.uv_raster import uv_rasterize
 from uika_jax.synthetic import mesh as mesh
 from uika_jax.synthetic import sculpt as sculpt
+from uika_jax.synthetic.face_paint import age_marks, beard, makeup, mix, noise
+from uika_jax.synthetic.hairstyle import HairStyle, hair_style, scalp_coverage
 from uika_jax.synthetic.head import synthetic_head_model, synthetic_layout
+from uika_jax.synthetic.identity import IdentityTraits, identity_traits
 
 SKIN_TONES = np.array(
     [
-        [0.95, 0.80, 0.70],
-        [0.86, 0.66, 0.53],
-        [0.72, 0.51, 0.37],
-        [0.55, 0.37, 0.26],
-        [0.38, 0.25, 0.18],
+        [0.97, 0.83, 0.75],
+        [0.93, 0.77, 0.66],
+        [0.85, 0.66, 0.52],
+        [0.74, 0.55, 0.39],
+        [0.6, 0.41, 0.28],
+        [0.44, 0.29, 0.19],
+        [0.3, 0.19, 0.13],
     ]
 )
-HAIR_COLOURS = np.array(
-    [
-        [0.06, 0.05, 0.04],
-        [0.18, 0.11, 0.06],
-        [0.35, 0.22, 0.12],
-        [0.62, 0.48, 0.28],
-        [0.50, 0.22, 0.10],
-        [0.55, 0.55, 0.55],
-    ]
-)
+"""The skin tone ramp, lightest to darkest (`IdentityTraits.skin_tone` 0 to 1)."""
+UNDERTONES = np.array([[1.03, 0.99, 0.94], [1.0, 1.0, 1.0], [1.0, 0.97, 0.99], [0.99, 1.0, 0.95]])
+"""Multipliers of the skin tone: warm, neutral, pink, olive."""
 IRIS_COLOURS = np.array(
     [
         [0.22, 0.12, 0.06],
@@ -119,54 +122,19 @@ def surface_maps(resolution: int) -> SurfaceMaps:
     return SurfaceMaps(*maps)
 
 
-def _noise(rng: np.random.Generator, points: np.ndarray, frequency: float, terms: int = 12):
-    """Smooth random field in [-1, 1]-ish: a sum of random plane waves (points in metres)."""
-    directions = rng.normal(size=(terms, points.shape[-1]))
-    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
-    scales = frequency * rng.uniform(0.6, 1.4, size=terms)
-    phases = rng.uniform(0.0, 2.0 * np.pi, size=terms)
-    waves = np.sin(points @ (directions * scales[:, None]).T * 2.0 * np.pi + phases)
-    return waves.sum(axis=-1) / np.sqrt(terms / 2.0)
+def _brows(rng: np.random.Generator, female: bool, p: np.ndarray) -> np.ndarray:
+    """Eyebrow coverage (R, R) in [0, 1]: two arcs over the eyes, thick inside, thin outside.
 
-
-def _mix(base: np.ndarray, colour, amount: np.ndarray) -> np.ndarray:
-    """Blends towards `colour` ((3,) or per texel) by `amount` (R, R) in [0, 1]."""
-    amount = np.clip(amount, 0.0, 1.0)[..., None]
-    return base * (1.0 - amount) + np.asarray(colour) * amount
-
-
-def _hairline(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
-    """Hair coverage (R, R) in [0, 1] of the scalp: crown and back, above a hairline."""
-    azimuth = np.abs(np.arctan2(p[..., 0], p[..., 2] - sculpt.RAY_ORIGIN[2]))
-    front = rng.uniform(0.068, 0.085) if rng.random() > 0.1 else rng.uniform(0.1, 0.115)
-    recession = rng.uniform(0.0, 0.015)
-    knots = np.deg2rad([0, 30, 55, 80, 110, 150, 180])
-    heights = [
-        front,
-        front - 0.004 + recession,
-        0.05,
-        0.03,
-        0.005,
-        -0.05,
-        rng.uniform(-0.08, -0.06),
-    ]
-    line = np.interp(azimuth, knots, heights)
-    edge = line + 0.004 * _noise(rng, p, 60.0)
-    ear_y = sculpt.BASE_PARAMS["ear_y"]
-    ears = np.exp(
-        -((np.abs(p[..., 0]) - 0.075) ** 2 / 0.008**2 + (p[..., 1] - ear_y) ** 2 / 0.025**2)
-    )
-    return sculpt.smoothstep(-0.003, 0.003, p[..., 1] - edge) * (1.0 - ears)
-
-
-def _brows(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
-    """Eyebrow coverage (R, R) in [0, 1]: two arcs over the eyes, thick inside, thin outside."""
+    Women's brows are thinner, higher and more arched; men's thicker, lower and flatter.
+    """
     g = sculpt.BASE_PARAMS
     x = np.abs(p[..., 0])
     along = np.clip((x - 0.011) / 0.043, 0.0, 1.0)
-    arch = rng.uniform(0.003, 0.007)
-    centre = g["brow_y"] - 0.002 + arch * np.sin(np.pi * np.minimum(along * 1.3, 1.0))
-    thickness = rng.uniform(0.8, 1.4) * (0.0065 - 0.004 * along)
+    arch = rng.uniform(0.005, 0.009) if female else rng.uniform(0.001, 0.005)
+    lift = 0.0015 if female else -0.0005
+    centre = g["brow_y"] - 0.002 + lift + arch * np.sin(np.pi * np.minimum(along * 1.3, 1.0))
+    width = rng.uniform(0.6, 0.95) if female else rng.uniform(1.0, 1.5)
+    thickness = width * (0.0065 - 0.004 * along)
     across = 1.0 - sculpt.smoothstep(0.35, 0.5, np.abs(p[..., 1] - centre) / thickness)
     span = sculpt.smoothstep(0.009, 0.013, x) * (1.0 - sculpt.smoothstep(0.05, 0.056, x))
     return across * span * sculpt.smoothstep(0.045, 0.06, p[..., 2])
@@ -217,15 +185,15 @@ def _eyeball(rng: np.random.Generator, maps: SurfaceMaps) -> np.ndarray:
     iris_edge = np.deg2rad(rng.uniform(25.0, 29.0))
     pupil_edge = np.deg2rad(rng.uniform(8.0, 12.0))
     streaks = 1.0 + 0.2 * np.sin(azimuth * 23.0 + 3.0 * np.sin(azimuth * 7.0)) * (polar / iris_edge)
-    sclera = _mix(
+    sclera = mix(
         np.broadcast_to([0.93, 0.91, 0.88], (*polar.shape, 3)),
         [0.85, 0.55, 0.5],
         0.3 * sculpt.smoothstep(np.deg2rad(50.0), np.deg2rad(90.0), polar),
     )
     iris = np.clip(iris_colour * streaks[..., None], 0.0, 1.0)
-    iris = _mix(iris, [0.05, 0.04, 0.04], sculpt.smoothstep(iris_edge - 0.1, iris_edge, polar))
-    colour = _mix(iris, sclera, sculpt.smoothstep(iris_edge - 0.02, iris_edge + 0.02, polar))
-    return _mix(
+    iris = mix(iris, [0.05, 0.04, 0.04], sculpt.smoothstep(iris_edge - 0.1, iris_edge, polar))
+    colour = mix(iris, sclera, sculpt.smoothstep(iris_edge - 0.02, iris_edge + 0.02, polar))
+    return mix(
         colour, [0.02, 0.02, 0.02], 1.0 - sculpt.smoothstep(pupil_edge - 0.02, pupil_edge, polar)
     )
 
@@ -234,52 +202,62 @@ def _cavity(maps: SurfaceMaps) -> np.ndarray:
     """Mouth interior colours (R, R, 3): inner lips, a band of teeth, a dark throat."""
     depth = maps.cavity_depth
     x = np.abs(maps.position[..., 0])
-    inner = _mix(
+    inner = mix(
         np.broadcast_to([0.45, 0.16, 0.16], (*depth.shape, 3)),
         [0.08, 0.03, 0.03],
         sculpt.smoothstep(0.1, 0.5, depth),
     )
     teeth = sculpt.smoothstep(0.1, 0.16, depth) * (1.0 - sculpt.smoothstep(0.34, 0.42, depth))
     teeth = teeth * (1.0 - sculpt.smoothstep(0.014, 0.019, x))
-    return _mix(inner, [0.88, 0.85, 0.77], teeth)
+    return mix(inner, [0.88, 0.85, 0.77], teeth)
 
 
-def _skin(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(skin tone (3,), skin colour (R, R, 3)): mottling, a darker neck, blush, redder ears."""
-    tone = rng.uniform(0.0, len(SKIN_TONES) - 1.0)
+def _skin(
+    rng: np.random.Generator, traits: IdentityTraits, p: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(skin tone (3,), skin colour (R, R, 3)): mottling, a darker neck, blush, redder ears.
+
+    Women's skin is smoother; older skin is more mottled and a little sallower.
+    """
+    tone = traits.skin_tone * (len(SKIN_TONES) - 1.0)
     low = int(min(tone, len(SKIN_TONES) - 2))
     skin = SKIN_TONES[low] + (tone - low) * (SKIN_TONES[low + 1] - SKIN_TONES[low])
-    skin = np.clip(skin * rng.uniform(0.95, 1.05, size=3), 0.0, 1.0)
+    skin = skin * UNDERTONES[rng.integers(len(UNDERTONES))] * rng.uniform(0.96, 1.04, size=3)
+    skin = np.clip(skin * (1.0 - 0.06 * traits.oldness * np.array([0.0, 0.3, 1.0])), 0.0, 1.0)
     colour = np.broadcast_to(skin, (*p.shape[:2], 3)).copy()
-    colour *= (1.0 + 0.05 * _noise(rng, p, 25.0) + 0.025 * _noise(rng, p, 150.0))[..., None]
+    rough = (0.6 if traits.is_female else 1.0) * (1.0 + 0.8 * traits.oldness)
+    colour *= (1.0 + rough * (0.04 * noise(rng, p, 25.0) + 0.02 * noise(rng, p, 150.0)))[..., None]
     colour *= (1.0 - 0.08 * sculpt.smoothstep(-0.09, -0.13, p[..., 1]))[..., None]
     blush = sum(
         np.exp(-np.sum(((p - [s * 0.042, -0.012, 0.07]) / 0.016) ** 2, axis=-1)) for s in (1, -1)
     )
-    colour = _mix(colour, skin * [1.0, 0.72, 0.72], rng.uniform(0.1, 0.5) * blush)
+    colour = mix(colour, skin * [1.0, 0.72, 0.72], rng.uniform(0.1, 0.45) * blush)
     ears = np.exp(-(((np.abs(p[..., 0]) - 0.078) / 0.01) ** 2))
-    return skin, _mix(colour, skin * [0.98, 0.75, 0.72], 0.35 * ears)
+    return skin, mix(colour, skin * [0.98, 0.75, 0.72], 0.35 * ears)
 
 
 def _face_features(
-    rng: np.random.Generator, p: np.ndarray, skin: np.ndarray, hair: np.ndarray, colour: np.ndarray
+    rng: np.random.Generator,
+    traits: IdentityTraits,
+    p: np.ndarray,
+    skin: np.ndarray,
+    colour: np.ndarray,
 ) -> np.ndarray:
-    """Paints freckles, stubble, lips, nostrils, eye shadow, lash lines and brows over `colour`."""
+    """Paints freckles, age marks, facial hair, lips, make-up, nostrils, eyes and brows."""
     g = sculpt.BASE_PARAMS
-    if rng.random() < 0.35:
+    hair = traits.hair_colour
+    if rng.random() < 0.3 * (1.0 - traits.skin_tone):
         face = sculpt.smoothstep(0.04, 0.07, p[..., 2]) * sculpt.smoothstep(0.06, 0.04, p[..., 1])
-        spots = sculpt.smoothstep(0.55, 0.8, _noise(rng, p, 400.0, terms=24))
-        colour = _mix(colour, skin * [0.7, 0.5, 0.38], rng.uniform(0.3, 0.7) * spots * face)
-    if rng.random() < 0.2:
-        beard = sculpt.smoothstep(0.02, -0.005, p[..., 1] - g["mouth_y"])
-        beard = beard * sculpt.smoothstep(-0.125, -0.105, p[..., 1])
-        beard = beard * sculpt.smoothstep(0.0, 0.03, p[..., 2])
-        stubble = sculpt.smoothstep(-0.2, 0.6, _noise(rng, p, 500.0, terms=24))
-        colour = _mix(colour, hair, rng.uniform(0.25, 0.55) * beard * stubble)
+        spots = sculpt.smoothstep(0.55, 0.8, noise(rng, p, 400.0, terms=24))
+        colour = mix(colour, skin * [0.7, 0.5, 0.38], rng.uniform(0.3, 0.7) * spots * face)
+    colour = age_marks(rng, traits, p, skin, colour)
+    colour = beard(rng, traits, p, colour)
     lips, mouth_line = _lips(p)
-    lip_colour = skin * [0.8, 0.52, 0.52] * rng.uniform(0.85, 1.1)
-    colour = _mix(colour, lip_colour, 0.85 * lips)
-    colour = _mix(colour, lip_colour * 0.35, mouth_line)
+    redness = rng.uniform(0.85, 1.1) * (1.0 - 0.25 * traits.oldness)
+    lip_colour = skin * (1.0 - (1.0 - np.array([0.8, 0.52, 0.52])) * redness)
+    colour = mix(colour, lip_colour, 0.85 * lips)
+    colour = makeup(rng, traits, p, colour, lips)
+    colour = mix(colour, lip_colour * 0.35, mouth_line)
     nostril_size = np.array([0.0042, 0.0024])
     nostrils = sum(
         np.exp(
@@ -287,20 +265,37 @@ def _face_features(
         )
         for s in (1, -1)
     )
-    colour = _mix(colour, skin * 0.25, 0.9 * nostrils * sculpt.smoothstep(0.08, 0.095, p[..., 2]))
+    colour = mix(colour, skin * 0.25, 0.9 * nostrils * sculpt.smoothstep(0.08, 0.095, p[..., 2]))
     lashes, shadow = _eye_surroundings(p)
-    colour = _mix(colour, skin * [0.72, 0.62, 0.62], shadow)
-    colour = _mix(colour, hair * 0.4, rng.uniform(0.75, 0.95) * lashes)
+    colour = mix(colour, skin * [0.72, 0.62, 0.62], shadow)
+    colour = mix(colour, traits.base_hair_colour * 0.4, rng.uniform(0.75, 0.95) * lashes)
     brow_colour = hair * rng.uniform(0.5, 0.9) if rng.random() < 0.85 else hair * 0.4
-    return _mix(colour, brow_colour, rng.uniform(0.75, 0.95) * _brows(rng, p))
+    return mix(colour, brow_colour, rng.uniform(0.75, 0.95) * _brows(rng, traits.is_female, p))
+
+
+def _scalp(
+    rng: np.random.Generator, traits: IdentityTraits, style: HairStyle, p: np.ndarray, colour
+) -> np.ndarray:
+    """Paints the scalp: hair colour under the hair geometry, short hair on a bald head."""
+    hair = traits.hair_colour
+    strands = 1.0 + 0.12 * noise(rng, p * [1.0, 0.25, 1.0], 300.0, terms=24)
+    painted = np.clip(hair * strands[..., None], 0.0, 1.0)
+    coverage = scalp_coverage(style, p)
+    if style.bald:
+        stubble = sculpt.smoothstep(-0.4, 0.6, noise(rng, p, 900.0, terms=24))
+        shaved = scalp_coverage(dataclasses.replace(style, name="buzz"), p)
+        colour = mix(colour, hair * 0.7, (0.08 + 0.12 * (not traits.is_female)) * shaved * stubble)
+        return mix(colour, painted, 0.85 * coverage)
+    return mix(colour, painted * (0.85 if style.name == "buzz" else 0.6), coverage)
 
 
 def synthetic_albedo(seed: int, resolution: int = 256) -> np.ndarray:
     """Paints the albedo UV map of one synthetic identity.
 
     Deterministic per seed (a private generator; no global random state is
-    touched) and different across seeds: skin tone, hair colour and hairline,
-    eyebrow shape, iris colour, lip colour, blush, freckles and stubble vary.
+    touched) and different across seeds: skin tone and undertone, sex and age
+    cues, hair colour on the scalp, eyebrow shape, iris colour, lip colour,
+    make-up, blush, freckles and facial hair vary.
 
     Args:
       seed: identity seed, a non-negative int (e.g. the one given to
@@ -316,14 +311,13 @@ def synthetic_albedo(seed: int, resolution: int = 256) -> np.ndarray:
     if resolution < 16:
         raise ValueError(f"synthetic_albedo: resolution must be >= 16, got {resolution}")
     rng = np.random.default_rng([seed, 0xA1BED0])
+    traits = identity_traits(seed)
     maps = surface_maps(int(resolution))
     p = maps.position
 
-    skin, colour = _skin(rng, p)
-    hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.8, 1.2)
-    colour = _face_features(rng, p, skin, hair, colour)
-    strands = 1.0 + 0.12 * _noise(rng, p * [1.0, 0.25, 1.0], 300.0, terms=24)
-    colour = _mix(colour, np.clip(hair * strands[..., None], 0.0, 1.0), _hairline(rng, p))
+    skin, colour = _skin(rng, traits, p)
+    colour = _face_features(rng, traits, p, skin, colour)
+    colour = _scalp(rng, traits, hair_style(seed), p, colour)
 
     part = maps.part
     colour = np.where(

@@ -43,40 +43,89 @@ from uika_jax.synthetic.deform import (
     pose_correctives,
     vertex_normals,
 )
+from uika_jax.synthetic.identity import identity_traits
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 """Bumped whenever the generated arrays change; part of the model's fingerprint."""
 
 SHAPE_COMPONENTS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("head_width", {"cranium_w": 0.0044, "face_w": 0.0031, "jaw_w": 0.0025, "neck_w": 0.0019}),
-    ("head_height", {"cranium_h": 0.005, "cranium_y": 0.0025}),
-    ("head_depth", {"cranium_d": 0.0056, "cranium_z": -0.0025}),
+    (
+        "masculinity",
+        {
+            "cranium_w": 0.0025,
+            "cranium_h": 0.0025,
+            "cranium_d": 0.003,
+            "face_w": 0.0025,
+            "jaw_w": 0.0045,
+            "jaw_h": 0.003,
+            "jaw_d": 0.003,
+            "chin_w": 0.0015,
+            "chin_y": -0.002,
+            "brow_z": 0.0022,
+            "brow_y": -0.0012,
+            "nose_r": 0.0012,
+            "ala_x": 0.0008,
+            "nose_tip_y": -0.0018,
+            "nose_tip_z": 0.0018,
+            "bridge_r": 0.0008,
+            "lip_r": -0.0011,
+            "cheek_r": -0.0015,
+            "neck_w": 0.006,
+            "neck_d": 0.005,
+            "ear_h": 0.002,
+        },
+    ),
+    (
+        "age",
+        {
+            "cheek_y": -0.003,
+            "cheek_z": -0.0015,
+            "jaw_w": 0.002,
+            "nose_tip_y": -0.002,
+            "nose_r": 0.0008,
+            "ear_h": 0.004,
+            "lip_r": -0.0012,
+            "brow_y": -0.0012,
+            "neck_w": 0.002,
+        },
+    ),
+    ("head_width", {"cranium_w": 0.0055, "face_w": 0.004, "jaw_w": 0.003, "neck_w": 0.0025}),
+    ("head_height", {"cranium_h": 0.007, "cranium_y": 0.0038}),
+    ("head_depth", {"cranium_d": 0.007, "cranium_z": -0.003}),
     (
         "face_length",
         {
-            "jaw_y": -0.0038,
-            "chin_y": -0.0044,
-            "jaw_h": 0.0019,
-            "face_h": 0.0025,
+            "jaw_y": -0.0065,
+            "chin_y": -0.0075,
+            "jaw_h": 0.003,
+            "face_h": 0.004,
             "mouth_y": -0.0012,
         },
     ),
-    ("nose_length", {"nose_tip_y": -0.0038, "nose_root_y": 0.0012}),
-    ("nose_width", {"ala_x": 0.0015, "ala_r": 0.0008, "nose_r": 0.0009}),
-    ("nose_projection", {"nose_tip_z": 0.0035}),
-    ("cheek_fullness", {"cheek_r": 0.0022, "cheek_z": 0.0012}),
-    ("chin_projection", {"chin_z": 0.0038, "chin_w": 0.0012}),
-    ("jaw_width", {"jaw_w": 0.0044}),
-    ("eye_spacing", {"eye_x": 0.0019}),
-    ("eye_size", {"eye_open_h": 0.0008, "eye_open_w": 0.0008}),
-    ("brow_ridge", {"brow_z": 0.0025, "brow_y": 0.0012}),
-    ("midface_depth", {"face_z": 0.0038, "lip_z": 0.0019}),
-    ("lip_fullness", {"lip_r": 0.0012, "lip_z": 0.001}),
-    ("mouth_width", {"mouth_w": 0.0025}),
-    ("ear_size", {"ear_h": 0.005, "ear_out": 0.0038}),
-    ("neck_thickness", {"neck_w": 0.0038, "neck_d": 0.0038}),
-    ("cheekbones", {"cheekbone_x": 0.0025, "cheekbone_y": 0.0019}),
-    ("eye_height", {"eye_y": 0.0019, "brow_y": 0.0019, "nose_root_y": 0.0015}),
+    ("nose_length", {"nose_tip_y": -0.0045, "nose_root_y": 0.0012}),
+    ("nose_width", {"ala_x": 0.0019, "ala_r": 0.001, "nose_r": 0.0011}),
+    ("nose_projection", {"nose_tip_z": 0.0045}),
+    ("cheek_fullness", {"cheek_r": 0.003, "cheek_z": 0.0015}),
+    ("chin_projection", {"chin_z": 0.0045, "chin_w": 0.0015}),
+    ("jaw_width", {"jaw_w": 0.0055}),
+    ("eye_spacing", {"eye_x": 0.0022}),
+    ("eye_size", {"eye_open_h": 0.0006, "eye_open_w": 0.0007}),
+    ("brow_ridge", {"brow_z": 0.003, "brow_y": 0.0014}),
+    ("midface_depth", {"face_z": 0.0045, "lip_z": 0.0022}),
+    ("lip_fullness", {"lip_r": 0.0015, "lip_z": 0.0012}),
+    ("mouth_width", {"mouth_w": 0.003}),
+    ("ear_size", {"ear_h": 0.006, "ear_out": 0.002}),
+    ("neck_thickness", {"neck_w": 0.0045, "neck_d": 0.0045}),
+    ("cheekbones", {"cheekbone_x": 0.003, "cheekbone_y": 0.0022}),
+    ("eye_height", {"eye_y": 0.0022, "brow_y": 0.0022, "nose_root_y": 0.0018}),
+    ("forehead_slope", {"cranium_z": -0.005, "cranium_y": 0.003, "brow_z": 0.002}),
+    ("nose_bridge", {"bridge_r": 0.0016, "nose_root_z": 0.004}),
+    ("nose_tip_bulb", {"nose_r": 0.0016, "ala_r": 0.0008}),
+    ("jaw_angle", {"jaw_d": 0.007, "jaw_z": -0.003, "jaw_h": 0.002}),
+    ("chin_height", {"chin_y": -0.005, "jaw_y": -0.002, "jaw_h": 0.002}),
+    ("face_taper", {"cranium_w": 0.004, "face_w": 0.001, "jaw_w": -0.005, "chin_w": -0.002}),
+    ("cheek_hollows", {"cheek_r": -0.003, "cheekbone_x": 0.002, "cheek_x": 0.002}),
+    ("ear_protrusion", {"ear_out": 0.003, "ear_z": -0.002}),
 )
 """Named identity components: sculpt parameter changes (metres) for a coefficient of 1."""
 
@@ -295,15 +344,24 @@ def synthetic_head_model(
 
 
 def identity_coefficients(seed: int, num_shape: int = NUM_SHAPE) -> np.ndarray:
-    """Returns identity coefficients (num_shape,) float32 ~ N(0, 1), deterministic per seed.
+    """Returns identity coefficients (num_shape,) float32, deterministic per seed.
 
-    The first k values do not depend on num_shape >= k.
+    Each has mean 0 and standard deviation about 1: the "masculinity" and "age"
+    components come from the identity's traits (`identity_traits`: bimodal by
+    sex, uniform by age), the others are N(0, 1). The first k values do not
+    depend on num_shape >= k.
 
     Args:
       seed: identity seed, a non-negative int.
       num_shape: number of coefficients.
     """
-    return np.random.default_rng(seed).standard_normal(num_shape).astype(np.float32)
+    coefficients = np.random.default_rng(seed).standard_normal(num_shape)
+    traits = identity_traits(seed)
+    for name, value in (("masculinity", traits.masculinity), ("age", traits.age_coefficient)):
+        index = SHAPE_NAMES.index(name)
+        if index < num_shape:
+            coefficients[index] = value
+    return coefficients.astype(np.float32)
 
 
 EXPRESSION_PRESETS: dict[str, tuple[dict[str, float], float]] = {
