@@ -222,22 +222,24 @@ def scalp_coverage(style: HairStyle, points: np.ndarray) -> np.ndarray:
 def strand_colours(style: HairStyle, columns: int, rows: int) -> np.ndarray:
     """Per-vertex hair colours (1 + columns * rows, 3): the crown, then strand by strand.
 
-    Strands differ in brightness (and, with greyness, some are grey); colour varies
-    slowly along them, and long hair lightens towards its tips.
+    Strands of longer hair differ in brightness and, with greyness, in how grey
+    they are; colour varies slowly along them, and long hair lightens towards
+    its tips. Short hair and curls vary from vertex to vertex instead.
     """
     rng = np.random.default_rng([style.seed, 0xC0105])
-    brightness = 1.0 + 0.1 * rng.standard_normal(columns)
+    long_hair = style.side_bottom is not None
+    brightness = 1.0 + (0.1 if long_hair else 0.04) * rng.standard_normal(columns)
     brightness = 0.5 * brightness + 0.25 * (np.roll(brightness, 1) + np.roll(brightness, -1))
-    grey = np.clip(style.greyness * (1.0 + 0.5 * rng.standard_normal(columns)), 0.0, 1.0)
+    grey = np.clip(style.greyness * (1.0 + 0.3 * rng.standard_normal(columns)), 0.0, 1.0)
     along = np.linspace(0.0, 1.0, rows)
     waves = 1.0 + 0.06 * np.sin(
         2.0 * np.pi * (along[None, :] * 3.0 + rng.uniform(size=(columns, 1)))
     )
-    tips = 1.0 + 0.25 * along[None, :] ** 2 * (style.side_bottom is not None)
+    tips = 1.0 + 0.25 * along[None, :] ** 2 * long_hair
     base = style.colour + (GREY_HAIR - style.colour) * grey[:, None]
     colours = base[:, None, :] * (brightness[:, None] * waves * tips)[..., None]
-    if style.curls:
-        colours = colours * (1.0 + 0.1 * rng.standard_normal((columns, rows, 1)))
+    if style.curls or not long_hair:
+        colours = colours * (1.0 + 0.08 * rng.standard_normal((columns, rows, 1)))
     crown = colours[:, 0].mean(axis=0)
     return np.clip(np.concatenate([crown[None], colours.reshape(-1, 3)]), 0.0, 1.0)
 

@@ -9,10 +9,12 @@ sculpted signed distance field (`synthetic_sculpt`) and a fixed mesh structure
 (`synthetic_mesh`):
 
 * identity blendshapes: the first `len(SHAPE_NAMES)` move named sculpt
-  parameters (head width, nose length, ...) by one standard deviation each, so
-  coefficients drawn from N(0, 1) (`identity_coefficients`) give plausible,
-  clearly different heads (the skin over the eyes moves with them, so the lids
-  stay on the eyeballs); further ones are small smooth symmetric bumps;
+  parameters (masculinity, age, head width, nose length, ...) by one standard
+  deviation each, so coefficients of unit spread (`identity_coefficients`:
+  masculinity and age from the identity's traits, `identity.identity_traits`,
+  the rest N(0, 1)) give plausible, clearly different heads (the skin over the
+  eyes moves with them, so the lids stay on the eyeballs); further ones are
+  small smooth symmetric bumps;
 * expression blendshapes (`EXPRESSION_NAMES`: smile, brow raise, blinks, ...,
   further ones small smooth bumps) and presets (`expression_preset`);
 * skinning: the lower face blends into the jaw below the mouth line, the neck
