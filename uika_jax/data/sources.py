@@ -20,6 +20,7 @@ frames are left out of the table and counted in `num_skipped`.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -147,18 +148,30 @@ class FolderSource:
         self.num_skipped = len(bad)
         self._entries = [(s.id, q) for s in self.index.subjects for q in s.sequences]
         self._cache: dict[int, SequenceParams] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Pickled for grain's worker processes: without the lock and the cache."""
+        return {**self.__dict__, "_lock": None, "_cache": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __len__(self) -> int:
         return len(self.table)
 
     def _params(self, sequence: int) -> SequenceParams:
         """A sequence's parameters, read once (a few cached: records come sequence-grouped)."""
-        if sequence not in self._cache:
-            if len(self._cache) >= PARAMS_CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)))
+        with self._lock:
+            params = self._cache.get(sequence)
+        if params is None:
             subject, entry = self._entries[sequence]
-            self._cache[sequence] = read_sequence(self.root, self.index, subject, entry)
-        return self._cache[sequence]
+            params = read_sequence(self.root, self.index, subject, entry)
+            with self._lock:
+                if len(self._cache) >= PARAMS_CACHE_SIZE:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[sequence] = params
+        return params
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         i = int(i)
