@@ -7,9 +7,12 @@ generator; no global random state is touched). Every image stacks:
 * a base: a linear or radial gradient between two colours of a random palette;
 * value noise: a few octaves of smoothly interpolated random lattices that
   modulate the brightness (plaster, fabric, foliage out of focus);
-* one to three clutter layers drawn from: soft-edged ellipses and rotated
-  rectangles (furniture, frames, windows out of focus), stripes (blinds, wall
-  panels, shelves) and bokeh (bright discs with soft rims, added on top).
+* one to three clutter layers drawn from (painted in this order): a room (a
+  wall meeting a floor, a bright window with glazing bars, dark blocks of
+  furniture), soft-edged ellipses and rotated rectangles (objects out of
+  focus), foliage (many small blobs: leaves or a crowd out of focus), stripes
+  (blinds, wall panels, shelves) and bokeh (bright discs with soft rims,
+  added on top).
 
 A background whose values vary too little (a dark room, say) has its
 contrast stretched about its mean until their standard deviation reaches
@@ -163,7 +166,51 @@ def _bokeh(rng, x, y, image, palette):
     return image
 
 
-_CLUTTER = (_shapes, _stripes, _bokeh)
+def _room(rng, x, y, image, palette):
+    """A wall meeting a floor, a bright window and a few dark blocks standing on the floor."""
+    horizon = rng.uniform(0.55, 0.95)
+    tilt = rng.uniform(-0.15, 0.15)
+    floor = _smoothstep(-0.004, 0.004, y - horizon - tilt * (x - 0.5))
+    image = _over(image, palette[rng.integers(len(palette))] * rng.uniform(0.5, 0.9), floor)
+    left, top = rng.uniform(-0.2, 0.8), rng.uniform(-0.1, 0.4)
+    right, bottom = left + rng.uniform(0.15, 0.5), top + rng.uniform(0.2, 0.5)
+    soft = rng.uniform(0.003, 0.03)
+    window = _box(x, y, left, top, right, bottom, soft)
+    bars = _smoothstep(0.006, 0.0, np.abs(x - 0.5 * (left + right)))
+    bars = np.maximum(bars, _smoothstep(0.006, 0.0, np.abs(y - 0.5 * (top + bottom))))
+    bright = np.clip(0.6 + 0.4 * palette[rng.integers(len(palette))], 0.0, 1.0)
+    image = _over(image, bright, window * (1.0 - 0.7 * bars))
+    for _ in range(int(rng.integers(0, 4))):
+        left = rng.uniform(-0.1, 0.9)
+        width, height = rng.uniform(0.05, 0.4), rng.uniform(0.1, 0.6)
+        base = horizon + rng.uniform(0.0, 0.1)
+        block = _box(x, y, left, base - height, left + width, base, rng.uniform(0.003, 0.02))
+        image = _over(image, palette[rng.integers(len(palette))] * rng.uniform(0.2, 0.6), block)
+    return image
+
+
+def _box(x, y, left, top, right, bottom, soft):
+    """Coverage of an axis-aligned rectangle with soft edges."""
+    inside_x = _smoothstep(-soft, soft, x - left) * _smoothstep(-soft, soft, right - x)
+    return inside_x * _smoothstep(-soft, soft, y - top) * _smoothstep(-soft, soft, bottom - y)
+
+
+def _foliage(rng, x, y, image, palette):
+    """Many small overlapping blobs in a few colours: leaves or a crowd out of focus."""
+    colours = palette[rng.integers(len(palette), size=3)]
+    for _ in range(int(rng.integers(30, 90))):
+        centre = rng.uniform(-0.05, 1.05, 2)
+        radius = rng.uniform(0.01, 0.05)
+        softness = radius * rng.uniform(0.2, 0.8)
+        rows, cols = _window(x, centre, radius + softness)
+        r = np.hypot(x[rows, cols] - centre[0], y[rows, cols] - centre[1])
+        coverage = rng.uniform(0.4, 0.9) * (1.0 - _smoothstep(radius - softness, radius, r))
+        colour = np.clip(colours[rng.integers(3)] * rng.uniform(0.6, 1.3), 0.0, 1.0)
+        image[rows, cols] = _over(image[rows, cols], colour, coverage)
+    return image
+
+
+_CLUTTER = (_room, _shapes, _foliage, _stripes, _bokeh)
 
 
 def background_image(seed: int, size: int) -> np.ndarray:
