@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uika_jax.render.mesh_raster import interpolate, needed_extent, rasterize_triangles
+from uika_jax.render.camera import framing_camera, project, world_to_camera
+from uika_jax.render.mesh_raster import interpolate, needed_capacity, rasterize_triangles
+from uika_jax.synthetic.head import synthetic_head_model
+from uika_jax.testing import mesh_oracle
 
 
 def brute_force_inside(tri: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -82,7 +85,9 @@ def test_shared_edges_leave_no_cracks():
     a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, 1:], idx[1:, :-1]
     faces = np.concatenate([np.stack([a, b, c], -1), np.stack([a, c, d], -1)]).reshape(-1, 3)
     corners, depth = flat(grid.reshape(-1, 2)[faces])
-    assert np.all(np.asarray(rasterize_triangles(corners, depth, size, size).mask))
+    frags = rasterize_triangles(corners, depth, size, size)
+    assert np.all(np.asarray(frags.mask))
+    assert_matches_oracle(frags, corners, depth, size, size)
 
 
 def plane_camera():
@@ -165,76 +170,149 @@ def test_interpenetrating_triangles_resolve_per_pixel():
 
 
 def test_overflow_counts_exactly_the_clipped_triangles():
-    size, window = 48, 8
+    size = 48
     tris = np.array(
         [
-            [[1, 1], [4, 1], [1, 4]],  # 3 x 3 pixels: fits
-            [[0, 10], [30, 12], [3, 35]],  # large: overflows
-            [[20, 2], [47, 3], [21, 6]],  # wide: overflows
-            [[-50, -50], [-20, -50], [-50, -20]],  # off-screen: culled
-            [[0, 0], [30, 30], [15, 15]],  # zero area: culled
+            [[1, 1], [4, 1], [1, 4]],  # 3 x 3 box: 9 slots
+            [[-50, -50], [-20, -50], [-50, -20]],  # off-screen: culled, no slots
+            [[0, 10], [30, 12], [3, 35]],  # 30 x 25 box: 750 slots
+            [[0, 0], [30, 30], [15, 15]],  # zero area: culled, no slots
+            [[20, 2], [47, 3], [21, 6]],  # 27 x 4 box: 108 slots
         ],
         np.float32,
     )
     corners, depth = flat(tris)
-    frags = rasterize_triangles(corners, depth, size, size, max_extent=window)
+    assert needed_capacity(corners, depth, size, size) == 9 + 750 + 108
+    capacity = 9 + 400
+    frags = rasterize_triangles(corners, depth, size, size, capacity=capacity)
     assert int(frags.overflow) == 2
     assert int(rasterize_triangles(corners, depth, size, size).overflow) == 0
-    # Each triangle keeps exactly its coverage within the window at its box's minimum corner.
+    # Boxes take slots in triangle order, row-major: triangle 2 keeps its first 400 box
+    # pixels, triangle 4 none.
     tid = np.asarray(frags.triangle_id)
     rows, cols = np.mgrid[:size, :size]
-    for f in range(3):
-        row0 = np.ceil(tris[f, :, 1].min() - 0.5)
-        col0 = np.ceil(tris[f, :, 0].min() - 0.5)
-        in_window = (
-            (rows >= row0) & (rows < row0 + window) & (cols >= col0) & (cols < col0 + window)
-        )
-        covered = brute_force_inside(tris[f].astype(np.float64), size, size)
-        np.testing.assert_array_equal(tid == f, covered & in_window)
-    # Near-culled triangles are not overflow either.
+    box_rank = (rows - 10) * 30 + cols
+    covered = [brute_force_inside(t.astype(np.float64), size, size) for t in tris]
+    np.testing.assert_array_equal(tid == 0, covered[0])
+    np.testing.assert_array_equal(tid == 2, covered[2] & (box_rank < 400))
+    assert not np.any(tid == 4)
+    # Near-culled triangles take no slots: triangle 2 behind the camera leaves room for 4.
     depth_behind = depth.copy()
-    depth_behind[1, 0] = -1.0
-    assert int(rasterize_triangles(corners, depth_behind, size, size, max_extent=8).overflow) == 1
+    depth_behind[2, 0] = -1.0
+    behind = rasterize_triangles(corners, depth_behind, size, size, capacity=capacity)
+    assert int(behind.overflow) == 0
+    np.testing.assert_array_equal(np.asarray(behind.triangle_id) == 4, covered[4])
 
 
-def test_needed_extent():
+def test_needed_capacity():
     corners, depth = flat([[[0.2, 0.2], [10.7, 0.2], [0.2, 3.9]]])
-    assert needed_extent(corners, depth, 32, 32) == 11
-    assert needed_extent(corners, depth, 32, 32, multiple_of=8) == 16
-    assert needed_extent(corners, depth, 5, 5) == 5  # clipped to the image
+    assert needed_capacity(corners, depth, 32, 32) == 11 * 4
+    assert needed_capacity(corners, depth, 5, 5) == 5 * 4  # clipped to the image
+    batch = np.stack([corners, corners * 2])
+    assert needed_capacity(batch, np.stack([depth, depth]), 32, 32) == 21 * 8
+    with pytest.raises(ValueError, match="capacity"):
+        jax.jit(lambda c: needed_capacity(c, depth, 8, 8))(corners)
 
 
-def test_jit_needs_max_extent_and_matches_eager():
+def test_jit_vmap_and_batch_match_eager():
     rng = np.random.default_rng(2)
     corners = rng.uniform(0, 16, size=(12, 3, 2)).astype(np.float32)
     depth = rng.uniform(1, 2, size=(12, 3)).astype(np.float32)
     eager = rasterize_triangles(corners, depth, 16, 16)
-    jitted = jax.jit(lambda c, d: rasterize_triangles(c, d, 16, 16, max_extent=16))(corners, depth)
-    np.testing.assert_array_equal(np.asarray(jitted.triangle_id), np.asarray(eager.triangle_id))
-    np.testing.assert_allclose(np.asarray(jitted.barycentrics), np.asarray(eager.barycentrics))
-    with pytest.raises(ValueError, match="max_extent"):
-        jax.jit(lambda c, d: rasterize_triangles(c, d, 16, 16))(corners, depth)
-    batched = jax.vmap(lambda c, d: rasterize_triangles(c, d, 16, 16, max_extent=16))(
-        np.stack([corners, corners[::-1]]), np.stack([depth, depth[::-1]])
+    capacity = needed_capacity(corners, depth, 16, 16)
+    jitted = jax.jit(lambda c, d: rasterize_triangles(c, d, 16, 16, capacity=capacity))(
+        corners, depth
     )
-    np.testing.assert_array_equal(np.asarray(batched.triangle_id[0]), np.asarray(eager.triangle_id))
-    np.testing.assert_allclose(np.asarray(batched.depth[1]), np.asarray(eager.depth))
+    for field in ("triangle_id", "barycentrics", "depth"):
+        np.testing.assert_array_equal(getattr(jitted, field), getattr(eager, field))
+    with pytest.raises(ValueError, match="capacity"):
+        jax.jit(lambda c, d: rasterize_triangles(c, d, 16, 16))(corners, depth)
+    pair = np.stack([corners, corners[::-1]]), np.stack([depth, depth[::-1]])
+    batched = jax.vmap(lambda c, d: rasterize_triangles(c, d, 16, 16, capacity=capacity))(*pair)
+    native = rasterize_triangles(*pair, 16, 16, capacity=capacity)
+    assert native.triangle_id.shape == (2, 16, 16) and native.overflow.shape == (2,)
+    for frags in (batched, native):
+        np.testing.assert_array_equal(frags.triangle_id[0], eager.triangle_id)
+        np.testing.assert_array_equal(frags.depth[1], eager.depth)
+        np.testing.assert_array_equal(frags.overflow, 0)
+    # Each frame overflows on its own: a capacity short by one clips one triangle per frame.
+    short = rasterize_triangles(*pair, 16, 16, capacity=capacity - 1)
+    np.testing.assert_array_equal(short.overflow, 1)
 
 
-def test_chunking_does_not_change_the_result():
+def test_ties_go_to_the_smallest_id():
     rng = np.random.default_rng(3)
     corners = rng.uniform(-2, 26, size=(40, 3, 2)).astype(np.float32)
-    # Equal depths everywhere: overlaps are pure ties, resolved by the smallest id across chunks.
+    # Equal depths everywhere: overlaps are pure ties, resolved by the smallest id.
     depth = np.ones((40, 3), np.float32)
     depth[::3] = 0.5
-    one = rasterize_triangles(corners, depth, 24, 24, max_extent=32)
-    many = rasterize_triangles(corners, depth, 24, 24, max_extent=32, chunk_candidates=3 * 32 * 32)
-    np.testing.assert_array_equal(np.asarray(one.triangle_id), np.asarray(many.triangle_id))
+    frags = rasterize_triangles(corners, depth, 24, 24)
     covered = np.stack([brute_force_inside(t.astype(np.float64), 24, 24) for t in corners])
     score = np.where(covered, depth[:, :1, None], np.inf)
     winner = np.argmax(score == score.min(0), axis=0)  # the first (smallest) id at min depth
     expected = np.where(covered.any(0), winner, -1)
-    np.testing.assert_array_equal(np.asarray(one.triangle_id), expected)
+    np.testing.assert_array_equal(np.asarray(frags.triangle_id), expected)
+
+
+def assert_matches_oracle(frags, corners, depth, height, width):
+    """Same visible triangles as the numpy oracle; depth and barycentrics to float32 precision."""
+    expected = mesh_oracle.rasterize(corners, depth, height, width)
+    np.testing.assert_array_equal(np.asarray(frags.triangle_id), expected.triangle_id)
+    mask = expected.mask
+    np.testing.assert_allclose(np.asarray(frags.depth)[mask], expected.depth[mask], rtol=2e-6)
+    assert np.all(np.isinf(np.asarray(frags.depth)[~mask]))
+    np.testing.assert_allclose(
+        np.asarray(frags.barycentrics)[mask], expected.barycentrics[mask], atol=2e-5
+    )
+
+
+def hard_triangles() -> tuple[np.ndarray, np.ndarray]:
+    """A random perspective soup plus degenerate, edge-on, behind-camera and off-screen cases."""
+    rng = np.random.default_rng(5)
+    corners = rng.uniform(-4, 36, size=(60, 3, 2))
+    depth = rng.uniform(0.5, 4.0, size=(60, 3))
+    cases = [
+        ([[2, 2], [12, 7], [22, 12]], [1, 1, 1]),  # collinear: zero area
+        ([[5, 5], [5, 5], [20, 9]], [1, 1, 1]),  # repeated corner
+        ([[0.5, 3.5], [30.5, 3.5001], [15.5, 3.5]], [1, 1, 1]),  # edge-on sliver on pixel centres
+        ([[3, 20], [28, 21], [10, 30]], [-1, 2, 2]),  # a corner behind the camera
+        ([[3, 3], [28, 4], [10, 13]], [0, 0.5, 0.5]),  # a corner on the camera plane
+        ([[40, 40], [60, 41], [45, 60]], [1, 1, 1]),  # off-screen
+        ([[-100, -100], [200, -100], [-100, 200]], [9, 9, 9]),  # covers everything, far
+        ([[np.nan, 3], [9, 3], [3, 9]], [1, 1, 1]),  # not finite
+        ([[4, 4], [20, 4], [4, 20]], [np.inf, 1, 1]),  # infinite depth
+    ]
+    extra_corners, extra_depth = (np.array(a, np.float64) for a in zip(*cases, strict=True))
+    corners = np.concatenate([corners, extra_corners]).astype(np.float32)
+    return corners, np.concatenate([depth, extra_depth]).astype(np.float32)
+
+
+def test_parity_with_numpy_oracle_on_hard_triangles():
+    corners, depth = hard_triangles()
+    height, width = 30, 34
+    frags = rasterize_triangles(corners, depth, height, width)
+    assert_matches_oracle(frags, corners, depth, height, width)
+    tid = np.asarray(frags.triangle_id)
+    assert np.all(np.asarray(frags.mask)) and np.any(tid == 66)  # the far cover shows through
+    assert not np.any(np.isin(tid, [60, 61, 63, 64, 65, 67, 68]))  # culled or off-screen
+
+
+def test_parity_with_numpy_oracle_on_the_synthetic_head():
+    # The template head framed as the synthetic views frame it: frontal and a profile view
+    # (many edge-on faces at the silhouette), rasterized as one batch.
+    model = synthetic_head_model()
+    size = 64
+    cameras = [framing_camera(np.array([0.0, 0.01, 0.0]), 0.23, size, yaw) for yaw in (0.0, 80.0)]
+    viewmats, Ks = (jnp.asarray(np.stack(a), jnp.float32) for a in zip(*cameras, strict=True))
+    camera = jax.vmap(world_to_camera, in_axes=(None, 0))(jnp.asarray(model.v_template), viewmats)
+    corners = np.asarray(jax.vmap(project)(camera, Ks))[:, model.faces]
+    depth = np.asarray(camera[..., 2])[:, model.faces]
+    frags = rasterize_triangles(corners, depth, size, size)
+    assert frags.triangle_id.shape == (2, size, size)
+    for view in range(2):
+        view_frags = jax.tree.map(lambda a, view=view: a[view], frags)
+        assert_matches_oracle(view_frags, corners[view], depth[view], size, size)
+        assert 0.2 < np.mean(np.asarray(view_frags.mask)) < 0.8
 
 
 def test_culling_and_empty_input():
@@ -251,7 +329,7 @@ def test_barycentric_gradients_are_finite():
     corners, _ = flat([[[1, 1], [9, 2], [2, 8]]])
 
     def loss(c, d):
-        frags = rasterize_triangles(c, d, 10, 10, max_extent=10)
+        frags = rasterize_triangles(c, d, 10, 10, capacity=100)
         attr = jnp.arange(9.0).reshape(1, 3, 3)
         return jnp.sum(interpolate(frags, attr)) + jnp.sum(jnp.where(frags.mask, frags.depth, 0))
 

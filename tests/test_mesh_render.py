@@ -1,5 +1,7 @@
 """Tests for the UV convention / UV rasterizer and the textured mesh renderer."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,13 @@ from uika_jax.head.uv_raster import (
 )
 from uika_jax.render import camera
 from uika_jax.render.mesh_raster import interpolate, rasterize_triangles
-from uika_jax.render.mesh_render import mesh_extent, render_mesh, sample_texture, vertex_normals
+from uika_jax.render.mesh_render import (
+    mesh_capacity,
+    render_mesh,
+    render_mesh_batch,
+    sample_texture,
+    vertex_normals,
+)
 
 
 def make_model(vertices, faces, uv_coords=None, uv_faces=None) -> HeadModel:
@@ -258,12 +266,31 @@ def test_render_occlusion_and_shading():
         render_mesh(vertices, model.faces, viewmat, K, size, size, texture=np.zeros((4, 4, 3)))
 
 
-def test_render_jit_and_vmap_over_cameras():
+@contextlib.contextmanager
+def count_traces():
+    """Collects the jit traces (cache misses: each one is a compile) made inside the block."""
+    traces = []
+
+    def listener(event, _duration, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield traces
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_render_jit_vmap_and_batch_over_cameras():
     size = 32
     model = plane_model()
     viewmats = np.stack([front_camera(size, yaw=y)[0] for y in (-30.0, 0.0, 30.0)])
     K = front_camera(size)[1]
-    extent = max(mesh_extent(model.v_template, model.faces, v, K, size, size) for v in viewmats)
+    capacity = mesh_capacity(model.v_template, model.faces, viewmats, K, size, size)
+    assert capacity >= max(
+        mesh_capacity(model.v_template, model.faces, v, K, size, size) for v in viewmats
+    )
 
     def render(viewmat):
         return render_mesh(
@@ -274,7 +301,7 @@ def test_render_jit_and_vmap_over_cameras():
             size,
             size,
             corner_uv=corner_image_uv(model),
-            max_extent=extent,
+            capacity=capacity,
         )
 
     batched = jax.jit(jax.vmap(render))(viewmats)
@@ -284,12 +311,29 @@ def test_render_jit_and_vmap_over_cameras():
     )
     np.testing.assert_allclose(batched.image[2], eager.image, atol=1e-6)
     np.testing.assert_array_equal(batched.overflow, 0)
-    with pytest.raises(ValueError, match="max_extent"):
+    with pytest.raises(ValueError, match="capacity"):
         jax.jit(
             lambda v: render_mesh(
                 v, model.faces, viewmats[0], K, size, size, corner_uv=corner_image_uv(model)
             )
         )(model.v_template)
+
+    # The batched companion: the same renders, one compiled program for every batch.
+    vertices = np.broadcast_to(model.v_template, (3, *model.v_template.shape))
+    Ks = np.broadcast_to(K, (3, 3, 3))
+    batch = render_mesh_batch(
+        vertices, model.faces, viewmats, Ks, size, size,
+        corner_uv=corner_image_uv(model), capacity=capacity,
+    )  # fmt: skip
+    for field in ("image", "image_uv", "depth", "triangle_id", "normals", "overflow"):
+        np.testing.assert_allclose(getattr(batch, field), getattr(batched, field), atol=1e-6)
+    with count_traces() as traces:
+        shifted = render_mesh_batch(
+            vertices + 0.05, model.faces, viewmats[::-1], Ks * 1.1, size, size,
+            corner_uv=corner_image_uv(model), capacity=capacity,
+        )  # fmt: skip
+    assert traces == [], "other vertices and cameras of the same shapes must reuse the program"
+    assert int(shifted.mask.sum()) != int(batch.mask.sum())
 
 
 def test_interpolate_uses_corner_attributes():
@@ -315,7 +359,7 @@ def test_render_gradients_are_finite():
             size,
             corner_uv=corner_image_uv(model),
             texture=texture,
-            max_extent=24,
+            capacity=576,
         )
         return jnp.sum(out.image) + jnp.sum(out.image_uv) + jnp.sum(out.normals)
 

@@ -235,7 +235,14 @@ def _part_pixels(model, layout, vertices, part):
     """Pixels of a frontal, face-framed 256 x 256 render that show a mesh part."""
     viewmat, K = framing_camera(np.array([0.0, 0.01, 0.0]), 0.23, 256)
     render = render_mesh(
-        vertices, model.faces, viewmat, K, 256, 256, corner_uv=corner_image_uv(model), max_extent=16
+        vertices,
+        model.faces,
+        viewmat,
+        K,
+        256,
+        256,
+        corner_uv=corner_image_uv(model),
+        capacity=1 << 18,
     )
     assert int(render.overflow) == 0
     triangles = np.asarray(render.triangle_id)
@@ -290,9 +297,9 @@ def _eye_views(model, faces, eyeball_faces, shape, expression, pose, viewmat, K)
         camera = world_to_camera(vertices, viewmat)
         corners, depth = project(camera, K), camera[:, 2]
         size = EYE_IMAGE_SIZE
-        drawn = rasterize_triangles(corners[faces], depth[faces], size, size, max_extent=16)
+        drawn = rasterize_triangles(corners[faces], depth[faces], size, size, capacity=16384)
         eyeballs = rasterize_triangles(
-            corners[eyeball_faces], depth[eyeball_faces], size, size, max_extent=4
+            corners[eyeball_faces], depth[eyeball_faces], size, size, capacity=4096
         )
         overflow = drawn.overflow + eyeballs.overflow
         return joints, drawn.triangle_id, overflow, eyeballs.depth

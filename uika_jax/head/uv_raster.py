@@ -65,8 +65,8 @@ class UVRaster:
       barycentrics: (R, R, 3) float32, barycentrics of the texel centre w.r.t. that
         face's corners (in `faces` / `uv_faces` corner order); 0 outside.
       mask: (R, R) bool, whether a face covers the texel centre.
-      overflow: int32 scalar, UV triangles larger than the window (see
-        `rasterize_triangles`); 0 when max_extent is left to None.
+      overflow: int32 scalar, UV triangles clipped by the rasterizer's capacity
+        (see `rasterize_triangles`); 0 when capacity is left to None.
     """
 
     face_id: jax.Array
@@ -104,7 +104,7 @@ def uv_triangles(model: HeadModel, resolution: int) -> jax.Array:
     return corner_image_uv(model) * resolution
 
 
-def uv_rasterize(model: HeadModel, resolution: int, *, max_extent: int | None = None) -> UVRaster:
+def uv_rasterize(model: HeadModel, resolution: int, *, capacity: int | None = None) -> UVRaster:
     """Rasterizes the model's UV layout into an R x R map (texel centres, see module docstring).
 
     Where UV triangles overlap the smallest face id wins.
@@ -112,7 +112,7 @@ def uv_rasterize(model: HeadModel, resolution: int, *, max_extent: int | None = 
     Args:
       model: a head model with a UV layout.
       resolution: side R of the UV map.
-      max_extent: rasterizer window (see `rasterize_triangles`); needed under jit.
+      capacity: rasterizer slots (see `rasterize_triangles`); needed under jit.
 
     Returns:
       The `UVRaster`.
@@ -127,7 +127,7 @@ def uv_rasterize(model: HeadModel, resolution: int, *, max_extent: int | None = 
         jnp.ones(corners.shape[:2], jnp.float32),
         resolution,
         resolution,
-        max_extent=max_extent,
+        capacity=capacity,
     )
     return UVRaster(
         fragments.triangle_id, fragments.barycentrics, fragments.mask, fragments.overflow

@@ -5,39 +5,49 @@
 `uika_jax.render.camera`) plus the camera depth of each corner, and returns per
 pixel the nearest triangle, its perspective-correct barycentrics and the depth.
 
-Algorithm (static shapes, jittable, vmappable):
+Algorithm (static shapes, jittable, vmappable; the work scales with the pixels
+the triangles' bounding boxes cover, not with triangles x image):
 
-* Each triangle gets a fixed `max_extent` x `max_extent` window of candidate
-  pixels anchored at the minimum corner of its pixel bounding box (the pixels
-  whose centres lie in the triangle's bounding box, clipped to the image). A
-  triangle whose box is larger than the window in either direction loses the
-  pixels outside the window; it is counted in `Fragments.overflow`, never
-  dropped silently. With `max_extent=None` in an eager call the window is sized
-  from the data so that nothing overflows.
+* Each triangle's candidate pixels are those of its pixel bounding box (the
+  pixels whose centres lie in the triangle's bounding box, clipped to the
+  image). The boxes are laid out one after another, in triangle order, in a
+  static array of `capacity` slots: a saturating running sum of the box sizes
+  gives each triangle its first slot, and each slot finds its triangle by a
+  running maximum over the marked first slots, then its pixel from its offset
+  in the box (row-major). Pixels past `capacity` are not drawn: the triangles
+  that lose some are counted in `Fragments.overflow`, never dropped silently.
+  With `capacity=None` in an eager call the capacity is sized from the data
+  (`needed_capacity`, rounded up to a few sizes an octave) so that nothing
+  overflows.
+* A batch (corners with a leading axis of B frames) is rasterized in one call,
+  each frame with its own `capacity` slots and overflow count; its gathers and
+  scatters index flattened arrays, which XLA runs faster on CPU than the
+  batched ones `jax.vmap` makes (`jax.vmap` works too).
 * Inside test with edge functions at the pixel centre, both windings accepted.
   A pixel centre exactly on an edge counts as inside, so both triangles sharing
   that edge claim it and the z-buffer picks one. Each edge function is evaluated
   with its two endpoints in a canonical (lexicographic) order, so the two
   triangles sharing an edge compute bitwise-opposite values there: a mesh
   without gaps rasterizes without cracks.
-* Culled (never drawn, not counted as overflow): triangles with zero area, with
-  a non-finite coordinate, with any corner depth <= `near` (there is no near
-  plane clipping: a triangle crossing it disappears whole), or whose box misses
-  the image.
-* Z-buffer resolve by `jax.ops.segment_min` over the interpolated depth, then a
-  deterministic tie-break: the smallest triangle id among the candidates at the
-  minimal depth. Triangles are processed in chunks (`lax.scan`) of at most
-  `chunk_candidates` candidate pixels (triangles x window pixels; default
-  `CANDIDATES_PER_CHUNK`, about 60 MB of temporaries), so memory stays bounded
-  whatever the number of triangles and the window.
+* Culled (never drawn, no slots, not counted as overflow): triangles with zero
+  area, with a non-finite coordinate, with any corner depth <= `near` (there is
+  no near plane clipping: a triangle crossing it disappears whole), or whose box
+  holds no pixel centre of the image.
+* Z-buffer: a scatter-min of the slots' interpolated depths per pixel, then a
+  deterministic tie-break, a scatter-min of the triangle ids among the slots at
+  the pixel's minimal depth (the smallest id wins exact ties).
 * Barycentrics, depth and attributes are recomputed from the winning triangle's
   corners, so they are differentiable with respect to the corners and corner
   depths (visibility itself is piecewise constant and has no gradient).
 
-Perspective-correct barycentrics: with screen-space barycentrics l_k of the
-pixel centre, b_k = (l_k / z_k) / sum_m (l_m / z_m) and the depth is
-1 / sum_m (l_m / z_m); b interpolates any attribute that is linear on the 3D
-triangle.
+Memory: about `SLOT_BYTES` bytes of temporaries per slot, plus a few arrays
+per pixel.
+
+Perspective-correct barycentrics: with w_k the edge function opposite corner k
+at the pixel centre (w_k / sum_m w_m are its screen-space barycentrics) and z_k
+the corner depths, b_k = (w_k / z_k) / sum_m (w_m / z_m) and the depth is
+(sum_m w_m) / sum_m (w_m / z_m); b interpolates any attribute that is linear on
+the 3D triangle.
 """
 
 from __future__ import annotations
@@ -49,22 +59,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CANDIDATES_PER_CHUNK = 1 << 21
-"""Upper bound on the candidate pixels (triangles x window) processed at once."""
+from uika_jax.render.binning import saturating_cumsum
+from uika_jax.render.capacity import round_capacity
+from uika_jax.render.config import MAX_CAPACITY
 
 DEFAULT_NEAR = 1e-4
 """Triangles with a corner depth at or below this are culled."""
 
-EXTENT_QUANTUM = 8
-"""max_extent=None rounds the needed window up to a multiple of this."""
+SLOT_BYTES = 40
+"""Temporary memory per capacity slot (bytes; XLA's memory analysis on CPU)."""
 
 _NO_TRIANGLE = np.iinfo(np.int32).max
+_EXACT_FLOAT_DIVISION = 1 << 22
+"""Box offsets below this are split into (row, col) by a float32 division (faster, exact)."""
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Fragments:
     """The rasterizer's per-pixel output (H, W = image height and width).
+
+    A batch of B frames puts a leading B axis on every field (overflow (B,)).
 
     Attributes:
       triangle_id: (H, W) int32, the visible triangle, -1 where empty.
@@ -73,7 +88,7 @@ class Fragments:
       depth: (H, W) float32, interpolated camera depth z; +inf where empty.
       mask: (H, W) bool, whether a triangle covers the pixel.
       overflow: int32 scalar, the number of non-culled triangles whose pixel
-        bounding box exceeded the window (their coverage was clipped).
+        bounding box did not fit in the capacity (their coverage was clipped).
     """
 
     triangle_id: jax.Array
@@ -92,186 +107,266 @@ def _edge(ax, ay, bx, by, px, py):
     return jnp.where(swap, -e, e)
 
 
-def _coverage(corners, corner_depth, px, py):
-    """Inside test, screen barycentrics and inverse depth of points in triangles.
+def _edge_weights(x0, y0, x1, y1, x2, y2, px, py):
+    """Inside test and edge functions of points in triangles (both windings accepted).
 
     Args:
-      corners: (..., 3, 2) triangle corners, broadcastable against px.
-      corner_depth: (..., 3) corner depths (positive).
+      x0: (...) first corner's x, broadcastable against px (likewise below).
+      y0: (...) first corner's y.
+      x1: (...) second corner's x.
+      y1: (...) second corner's y.
+      x2: (...) third corner's x.
+      y2: (...) third corner's y.
       px: (...) point x coordinates.
       py: (...) point y coordinates.
 
     Returns:
-      (inside (...) bool, screen barycentrics (..., 3), inverse depth (...)); the
-      barycentrics are finite everywhere, meaningful where inside.
+      (inside (...) bool, (w0, w1, w2) edge functions opposite each corner, their
+      sum): w_k / sum are the point's screen barycentrics where the sum is not 0.
     """
-    x0, y0 = corners[..., 0, 0], corners[..., 0, 1]
-    x1, y1 = corners[..., 1, 0], corners[..., 1, 1]
-    x2, y2 = corners[..., 2, 0], corners[..., 2, 1]
     w0 = _edge(x1, y1, x2, y2, px, py)
     w1 = _edge(x2, y2, x0, y0, px, py)
     w2 = _edge(x0, y0, x1, y1, px, py)
     sign = jnp.sign((x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0))
     total = w0 + w1 + w2
     inside = (sign * w0 >= 0) & (sign * w1 >= 0) & (sign * w2 >= 0) & (total != 0)
-    safe_total = jnp.where(total != 0, total, 1.0)
-    screen = jnp.stack([w0, w1, w2], axis=-1) / safe_total[..., None]
-    inv_z = 1.0 / corner_depth
-    inv_depth = (
-        inv_z[..., 0]
-        + screen[..., 1] * (inv_z[..., 1] - inv_z[..., 0])
-        + screen[..., 2] * (inv_z[..., 2] - inv_z[..., 0])
-    )
-    return inside, screen, inv_depth
+    return inside, (w0, w1, w2), total
+
+
+def _depth_terms(weights, inv_corner_depth):
+    """Perspective terms w_k / z_k (3 arrays) and their sum, the depth's denominator.
+
+    The pixel's depth is total / sum and its perspective-correct barycentrics are
+    term_k / sum (the screen-space normalisation by `total` cancels).
+    """
+    terms = tuple(w * iz for w, iz in zip(weights, inv_corner_depth, strict=True))
+    return terms, terms[0] + terms[1] + terms[2]
 
 
 def _pixel_boxes(corners, corner_depth, height, width, near):
-    """Per-triangle validity and clipped pixel bounding box.
+    """Per-triangle validity and clipped pixel bounding box (any leading batch axes).
 
     Returns:
-      (valid (F,) bool, row0 (F,) int32, col0 (F,) int32, rows (F,) int32,
-      cols (F,) int32): the box holds pixels row0..row0+rows-1 x col0..col0+cols-1.
+      (valid (..., F) bool, row0, col0, rows, cols (..., F) int32): the box holds
+      pixels row0..row0+rows-1 x col0..col0+cols-1; rows = cols = 0 where culled.
     """
     x, y = corners[..., 0], corners[..., 1]
-    finite = jnp.all(jnp.isfinite(corners), axis=(1, 2)) & jnp.all(
-        jnp.isfinite(corner_depth), axis=1
+    finite = jnp.all(jnp.isfinite(corners), axis=(-2, -1)) & jnp.all(
+        jnp.isfinite(corner_depth), axis=-1
     )
-    area2 = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
+    area2 = (x[..., 1] - x[..., 0]) * (y[..., 2] - y[..., 0]) - (y[..., 1] - y[..., 0]) * (
+        x[..., 2] - x[..., 0]
+    )
 
     def span(lo, hi, size):
         first = jnp.clip(jnp.ceil(lo - 0.5), 0, size)
         last = jnp.clip(jnp.floor(hi - 0.5), -1, size - 1)
         return first.astype(jnp.int32), (last - first + 1).astype(jnp.int32)
 
-    row0, rows = span(y.min(1), y.max(1), height)
-    col0, cols = span(x.min(1), x.max(1), width)
-    valid = finite & (area2 != 0) & jnp.all(corner_depth > near, axis=1) & (rows > 0) & (cols > 0)
+    row0, rows = span(y.min(-1), y.max(-1), height)
+    col0, cols = span(x.min(-1), x.max(-1), width)
+    valid = finite & (area2 != 0) & jnp.all(corner_depth > near, axis=-1) & (rows > 0) & (cols > 0)
     return valid, row0, col0, jnp.where(valid, rows, 0), jnp.where(valid, cols, 0)
 
 
-def needed_extent(
+def _slot_layout(corners, corner_depth, height, width, near):
+    """Per-triangle boxes and their slot ranges, per frame (B, F) arrays.
+
+    Returns:
+      (row0, col0, cols, counts, ends): the box of triangle f holds pixels
+      row0..row0+rows-1 x col0..col0+cols-1 (counts = rows * cols, 0 where
+      culled) and takes the frame's slots ends - counts .. ends - 1; `ends` is
+      the saturating running total (int32, at most 2^31 - 1).
+    """
+    _, row0, col0, rows, cols = _pixel_boxes(corners, corner_depth, height, width, near)
+    counts = rows * cols
+    return row0, col0, cols, counts, jax.vmap(saturating_cumsum)(counts)
+
+
+def needed_capacity(
     corners: jax.Array,
     corner_depth: jax.Array,
     height: int,
     width: int,
     *,
     near: float = DEFAULT_NEAR,
-    multiple_of: int = 1,
 ) -> int:
-    """Returns the window side that rasterizes these triangles without overflow.
+    """Returns the number of slots that rasterizes these triangles without overflow.
 
-    Runs on the host: call it eagerly (e.g. once on a representative pose) and
-    pass the result, with some margin, as `max_extent` to jitted code.
+    The exact count: the pixels of the non-culled triangles' clipped bounding
+    boxes, summed (for a batch, the largest frame's). Runs on the host: call it
+    eagerly (e.g. on a few representative poses and cameras;
+    `uika_jax.render.capacity.round_capacity` rounds a count up) and pass the
+    result, with some margin, as `capacity` to jitted code.
 
     Args:
-      corners: (F, 3, 2) image coordinates of the triangle corners.
-      corner_depth: (F, 3) camera depth of the corners.
+      corners: (F, 3, 2) or (B, F, 3, 2) image coordinates of the triangle corners.
+      corner_depth: (F, 3) or (B, F, 3) camera depth of the corners.
       height: image height in pixels.
       width: image width in pixels.
       near: culling depth, as in `rasterize_triangles`.
-      multiple_of: round the result up to a multiple of this (fewer distinct
-        window sizes mean fewer recompilations).
 
     Returns:
-      The largest clipped pixel-box side over non-culled triangles, at least 1,
-      rounded up to `multiple_of`.
+      The slot count (saturating at 2^31 - 1).
 
     Raises:
-      ValueError: if called on traced values (inside jit / vmap).
+      ValueError: if called on traced values (inside jit / vmap) or on arrays of
+        the wrong shapes.
     """
     if isinstance(corners, jax.core.Tracer) or isinstance(corner_depth, jax.core.Tracer):
         raise ValueError(
-            "max_extent=None (or needed_extent) needs concrete triangles to size the "
-            "rasterizer window from the data; under jit/vmap pass max_extent= explicitly "
-            "(e.g. from needed_extent() on a representative input, with some margin)."
+            "capacity=None (or needed_capacity) needs concrete triangles to size the "
+            "rasterizer from the data; under jit/vmap pass capacity= explicitly "
+            "(e.g. from needed_capacity() on representative inputs, with some margin)."
         )
-    side = 1
-    if np.shape(corners)[0]:
-        corners = jnp.asarray(corners, jnp.float32)
-        corner_depth = jnp.asarray(corner_depth, jnp.float32)
-        side = max(side, int(_max_box_side(corners, corner_depth, int(height), int(width), near)))
-    return -(-side // multiple_of) * multiple_of
+    corners, corner_depth = _as_batch(corners, corner_depth, "needed_capacity")
+    if not corners.shape[1]:
+        return 0
+    return int(_most_slots(corners, corner_depth, int(height), int(width), float(near)))
 
 
 @functools.partial(jax.jit, static_argnames=("height", "width", "near"))
-def _max_box_side(corners, corner_depth, height, width, near):
-    _, _, _, rows, cols = _pixel_boxes(corners, corner_depth, height, width, near)
-    return jnp.maximum(rows.max(), cols.max())
+def _most_slots(corners, corner_depth, height, width, near):
+    return jnp.max(_slot_layout(corners, corner_depth, height, width, near)[-1][:, -1])
 
 
-@functools.partial(
-    jax.jit, static_argnames=("height", "width", "max_extent", "near", "chunk_candidates")
-)
-def _rasterize(corners, corner_depth, height, width, max_extent, near, chunk_candidates):
-    num_faces = corners.shape[0]
+def _as_batch(corners, corner_depth, caller):
+    """Checks the shapes; returns float32 (B, F, 3, 2) corners and (B, F, 3) depths."""
+    corners = jnp.asarray(corners, jnp.float32)
+    corner_depth = jnp.asarray(corner_depth, jnp.float32)
+    if corners.ndim not in (3, 4) or corners.shape[-2:] != (3, 2):
+        raise ValueError(
+            f"{caller}: corners has shape {corners.shape}, expected (F, 3, 2) or (B, F, 3, 2)"
+        )
+    if corner_depth.shape != corners.shape[:-1]:
+        raise ValueError(
+            f"{caller}: corner_depth has shape {corner_depth.shape}, expected {corners.shape[:-1]}"
+        )
+    if corners.ndim == 3:
+        return corners[None], corner_depth[None]
+    return corners, corner_depth
+
+
+def _compact(counts, *per_triangle):
+    """Packs each frame's triangles that have slots to the front of its part of flat arrays.
+
+    Args:
+      counts: (B, F) slots per triangle.
+      *per_triangle: (B, F) arrays.
+
+    Returns:
+      (rank (B, F): a triangle's row within its frame's part, the arrays as
+      (B * F,) with frame b's part at b * F). The scatter also keeps XLA from
+      recomputing per-triangle values for every slot that reads them.
+    """
+    batch, num_faces = counts.shape
+    drawn = counts > 0
+    rank = jnp.cumsum(drawn, axis=1, dtype=jnp.int32) - 1
+    frame_row0 = num_faces * jnp.arange(batch, dtype=jnp.int32)[:, None]
+    dest = jnp.where(drawn, frame_row0 + rank, batch * num_faces).ravel()
+    return rank, [
+        jnp.zeros((batch * num_faces,), a.dtype).at[dest].set(a.ravel(), mode="drop")
+        for a in per_triangle
+    ]
+
+
+def _slot_owners(counts, ends, rank, capacity):
+    """Each slot's owner (B, capacity), as a row of `_compact`'s frame part, and whether used."""
+    batch = counts.shape[0]
+    starts = ends - counts
+    frame_slot0 = capacity * jnp.arange(batch, dtype=jnp.int32)[:, None]
+    marks = jnp.where((counts > 0) & (starts < capacity), frame_slot0 + starts, batch * capacity)
+    owner = jnp.zeros((batch * capacity,), jnp.int32)
+    owner = owner.at[marks.ravel()].max(rank.ravel(), mode="drop").reshape(batch, capacity)
+    # A parallel scan: several times faster on CPU than lax.cummax's reduce-window.
+    owner = jax.lax.associative_scan(jnp.maximum, owner, axis=1)
+    used = jnp.arange(capacity, dtype=jnp.int32) < ends[:, -1:]
+    return owner, used
+
+
+def _slot_pixels(local, row0, col0, cols, num_pixels):
+    """The (row, col) of a slot from its offset `local` in its owner's box (row-major)."""
+    cols = jnp.maximum(cols, 1)
+    if num_pixels <= _EXACT_FLOAT_DIVISION:
+        # Exact: the quotient's fractional part is at least 0.5 / cols from an
+        # integer and the float32 error below 0.25 / cols (local < 2^22).
+        box_row = jnp.floor((local.astype(jnp.float32) + 0.5) / cols.astype(jnp.float32)).astype(
+            jnp.int32
+        )
+    else:
+        box_row = local // cols
+    return row0 + box_row, col0 + local - box_row * cols
+
+
+def _corner_arrays(corners):
+    """(..., 3, 2) corners as the six arrays x0, y0, x1, y1, x2, y2."""
+    return tuple(corners[..., k, axis] for k in range(3) for axis in range(2))
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "capacity", "near"))
+def _rasterize(corners, corner_depth, height, width, capacity, near):
+    """Rasterizes a batch: corners (B, F, 3, 2), corner_depth (B, F, 3).
+
+    Gathers and scatters index flattened arrays (frame b's triangles from b * F,
+    its slots from b * capacity, its pixels from b * H * W), which XLA runs
+    faster than batched ones.
+    """
+    batch, num_faces = corners.shape[:2]
     num_pixels = height * width
-    ext = max_extent
     vis_corners = jax.lax.stop_gradient(corners)
     vis_depth = jax.lax.stop_gradient(corner_depth)
-    valid, row0, col0, rows, cols = _pixel_boxes(vis_corners, vis_depth, height, width, near)
-    overflow = jnp.sum(valid & ((rows > ext) | (cols > ext)), dtype=jnp.int32)
+    row0, col0, cols, counts, ends = _slot_layout(vis_corners, vis_depth, height, width, near)
+    overflow = jnp.sum((counts > 0) & (ends > capacity), axis=1, dtype=jnp.int32)
 
-    chunk = max(1, min(num_faces, chunk_candidates // (ext * ext)))
-    num_chunks = -(-num_faces // chunk)
-    pad = num_chunks * chunk - num_faces
-
-    def chunked(a, fill):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-        return a.reshape((num_chunks, chunk, *a.shape[1:]))
-
-    xs = (
-        chunked(vis_corners, 0.0),
-        chunked(vis_depth, 1.0),
-        chunked(valid, False),
-        chunked(row0, 0),
-        chunked(col0, 0),
-        chunked(rows, 0),
-        chunked(cols, 0),
-        jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk),
+    face = jnp.broadcast_to(jnp.arange(num_faces, dtype=jnp.int32), counts.shape)
+    rank, packed = _compact(
+        counts,
+        ends - counts,
+        row0,
+        col0,
+        cols,
+        face,
+        *_corner_arrays(vis_corners),
+        *(1.0 / vis_depth[..., k] for k in range(3)),
     )
-    dy, dx = (a.ravel() for a in jnp.meshgrid(jnp.arange(ext), jnp.arange(ext), indexing="ij"))
-
-    def step(carry, x):
-        zbuf, ibuf = carry
-        c, d, v, r0, c0, nr, nc, ids = x
-        pr = r0[:, None] + dy[None, :]
-        pc = c0[:, None] + dx[None, :]
-        in_box = v[:, None] & (dy[None, :] < nr[:, None]) & (dx[None, :] < nc[:, None])
-        inside, _, inv_depth = _coverage(
-            c[:, None], d[:, None], pc.astype(jnp.float32) + 0.5, pr.astype(jnp.float32) + 0.5
-        )
-        hit = in_box & inside & (inv_depth > 0)
-        z = jnp.where(hit, 1.0 / jnp.where(hit, inv_depth, 1.0), jnp.inf).ravel()
-        pix = jnp.where(hit, pr * width + pc, num_pixels).ravel()
-        chunk_z = jax.ops.segment_min(z, pix, num_segments=num_pixels + 1)
-        tie = jnp.where(
-            hit.ravel() & (z == chunk_z[pix]),
-            jnp.broadcast_to(ids[:, None], hit.shape).ravel(),
-            _NO_TRIANGLE,
-        )
-        chunk_id = jax.ops.segment_min(tie, pix, num_segments=num_pixels + 1)
-        take = chunk_z < zbuf
-        return (jnp.where(take, chunk_z, zbuf), jnp.where(take, chunk_id, ibuf)), None
-
-    init = (
-        jnp.full((num_pixels + 1,), jnp.inf, jnp.float32),
-        jnp.full((num_pixels + 1,), -1, jnp.int32),
+    owner, used = _slot_owners(counts, ends, rank, capacity)
+    frame = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    slot_start, slot_row0, slot_col0, slot_cols, slot_face, *slot_tri = (
+        a[owner + num_faces * frame] for a in packed
     )
-    (zbuf, ibuf), _ = jax.lax.scan(step, init, xs)
-    mask = (zbuf[:num_pixels] < jnp.inf).reshape(height, width)
-    triangle_id = jnp.where(mask, ibuf[:num_pixels].reshape(height, width), -1)
+    local = jnp.arange(capacity, dtype=jnp.int32) - slot_start
+    row, col = _slot_pixels(local, slot_row0, slot_col0, slot_cols, num_pixels)
+    inside, weights, total = _edge_weights(
+        *slot_tri[:6], col.astype(jnp.float32) + 0.5, row.astype(jnp.float32) + 0.5
+    )
+    _, denominator = _depth_terms(weights, slot_tri[6:])
+    # In front of the camera: the inverse depth, denominator / total, is positive. The
+    # division comes last, so that XLA computes z once rather than in every consumer.
+    hit = used & inside & (denominator * jnp.sign(total) > 0)
+    z = (jnp.where(hit, jnp.abs(total), 1.0) / jnp.where(hit, jnp.abs(denominator), 0.0)).ravel()
+    # Non-hits read +inf, as do hits whose depth overflows (not drawn, as if empty).
+    dump = batch * num_pixels
+    pix = jnp.where(z < jnp.inf, (num_pixels * frame + row * width + col).ravel(), dump)
+    zbuf = jnp.full((dump + 1,), jnp.inf, jnp.float32).at[pix].min(z)
+    tie = jnp.where((z < jnp.inf) & (z == zbuf[pix]), slot_face.ravel(), _NO_TRIANGLE)
+    ibuf = jnp.full((dump + 1,), _NO_TRIANGLE, jnp.int32).at[pix].min(tie)
+
+    mask = (zbuf[:dump] < jnp.inf).reshape(batch, height, width)
+    triangle_id = jnp.where(mask, ibuf[:dump].reshape(batch, height, width), -1)
 
     # Empty pixels see a dummy degenerate triangle at depth 1, keeping gradients finite.
-    tid = jnp.maximum(triangle_id, 0)
-    win_corners = jnp.where(mask[..., None, None], corners[tid], 0.0)
-    win_depth = jnp.where(mask[..., None], corner_depth[tid], 1.0)
+    flat_tid = jnp.maximum(triangle_id, 0) + num_faces * frame[:, :, None]
+    win_corners = corners.reshape(batch * num_faces, 3, 2)[flat_tid]
+    win_depth = corner_depth.reshape(batch * num_faces, 3)[flat_tid]
+    win_corners = jnp.where(mask[..., None, None], win_corners, 0.0)
+    win_depth = jnp.where(mask[..., None], win_depth, 1.0)
     px = jnp.arange(width, dtype=jnp.float32)[None, :] + 0.5
     py = jnp.arange(height, dtype=jnp.float32)[:, None] + 0.5
-    _, screen, inv_depth = _coverage(win_corners, win_depth, px, py)
-    inv_depth = jnp.where(mask, inv_depth, 1.0)
-    inv_z = 1.0 / win_depth
-    bary = jnp.where(mask[..., None], screen * inv_z / inv_depth[..., None], 0.0)
-    depth = jnp.where(mask, 1.0 / inv_depth, jnp.inf)
+    _, weights, total = _edge_weights(*_corner_arrays(win_corners), px, py)
+    terms, denominator = _depth_terms(weights, tuple(1.0 / win_depth[..., k] for k in range(3)))
+    denominator = jnp.where(mask, denominator, 1.0)
+    bary = jnp.where(mask[..., None], jnp.stack(terms, axis=-1) / denominator[..., None], 0.0)
+    depth = jnp.where(mask, total / denominator, jnp.inf)
     return Fragments(triangle_id, bary, depth, mask, overflow)
 
 
@@ -281,65 +376,54 @@ def rasterize_triangles(
     height: int,
     width: int,
     *,
-    max_extent: int | None = None,
+    capacity: int | None = None,
     near: float = DEFAULT_NEAR,
-    chunk_candidates: int = CANDIDATES_PER_CHUNK,
 ) -> Fragments:
     """Rasterizes triangles with a z-buffer (see the module docstring).
 
     Args:
-      corners: (F, 3, 2) image coordinates (x = column, y = row) of the corners.
-      corner_depth: (F, 3) camera depth z > 0 of the corners (use 1 for flat 2D).
+      corners: (F, 3, 2) image coordinates (x = column, y = row) of the corners,
+        or (B, F, 3, 2) for a batch of B frames.
+      corner_depth: (F, 3) or (B, F, 3) camera depth z > 0 of the corners (use 1
+        for flat 2D).
       height: image height H in pixels.
       width: image width W in pixels.
-      max_extent: side of each triangle's candidate-pixel window; triangles with a
-        larger clipped pixel box are clipped and counted in `overflow`. None sizes
-        it from the data (eager calls only).
+      capacity: candidate (triangle, pixel) slots per frame: the pixels of the
+        triangles' bounding boxes, in triangle order; triangles past it are
+        clipped and counted in `overflow`. None sizes it from the data (eager
+        calls only; `needed_capacity` rounded up by `round_capacity`). Memory:
+        about `SLOT_BYTES` bytes a slot.
       near: triangles with any corner depth <= near are culled.
-      chunk_candidates: at most this many candidate pixels (triangles x
-        max_extent^2) are processed at once; bounds memory (about 30 bytes each).
 
     Returns:
-      The `Fragments` of the image.
+      The `Fragments` of the image (with a leading B axis for a batch).
 
     Raises:
-      ValueError: if max_extent is None under jit / vmap, or if it is not positive.
+      ValueError: if capacity is None under jit / vmap, or if it is not in
+        [1, 2^31 - 2], or if the corner arrays have the wrong shapes.
     """
-    corners = jnp.asarray(corners, jnp.float32)
-    corner_depth = jnp.asarray(corner_depth, jnp.float32)
-    if corners.ndim != 3 or corners.shape[1:] != (3, 2):
+    single = jnp.ndim(corners) == 3
+    corners, corner_depth = _as_batch(corners, corner_depth, "rasterize_triangles")
+    if capacity is None:
+        capacity = round_capacity(needed_capacity(corners, corner_depth, height, width, near=near))
+    if not 1 <= capacity <= MAX_CAPACITY:
         raise ValueError(
-            f"rasterize_triangles: corners has shape {corners.shape}, expected (F, 3, 2)"
+            f"rasterize_triangles: capacity must be in [1, {MAX_CAPACITY}], got {capacity}"
         )
-    if corner_depth.shape != corners.shape[:2]:
-        raise ValueError(
-            f"rasterize_triangles: corner_depth has shape {corner_depth.shape}, "
-            f"expected {corners.shape[:2]}"
+    batch, num_faces = corners.shape[:2]
+    if num_faces == 0:
+        fragments = Fragments(
+            jnp.full((batch, height, width), -1, jnp.int32),
+            jnp.zeros((batch, height, width, 3), jnp.float32),
+            jnp.full((batch, height, width), jnp.inf, jnp.float32),
+            jnp.zeros((batch, height, width), bool),
+            jnp.zeros((batch,), jnp.int32),
         )
-    if max_extent is None:
-        max_extent = needed_extent(
-            corners, corner_depth, height, width, near=near, multiple_of=EXTENT_QUANTUM
+    else:
+        fragments = _rasterize(
+            corners, corner_depth, int(height), int(width), int(capacity), float(near)
         )
-    if max_extent < 1:
-        raise ValueError(f"rasterize_triangles: max_extent must be positive, got {max_extent}")
-    max_extent = min(int(max_extent), max(int(height), int(width)))
-    if corners.shape[0] == 0:
-        return Fragments(
-            jnp.full((height, width), -1, jnp.int32),
-            jnp.zeros((height, width, 3), jnp.float32),
-            jnp.full((height, width), jnp.inf, jnp.float32),
-            jnp.zeros((height, width), bool),
-            jnp.zeros((), jnp.int32),
-        )
-    return _rasterize(
-        corners,
-        corner_depth,
-        int(height),
-        int(width),
-        max_extent,
-        float(near),
-        int(chunk_candidates),
-    )
+    return jax.tree.map(lambda a: a[0], fragments) if single else fragments
 
 
 def interpolate(fragments: Fragments, attributes: jax.Array) -> jax.Array:

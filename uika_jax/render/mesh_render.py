@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from uika_jax.render.camera import project, world_to_camera
-from uika_jax.render.mesh_raster import (
-    EXTENT_QUANTUM,
-    interpolate,
-    needed_extent,
-    rasterize_triangles,
-)
+from uika_jax.render.capacity import round_capacity
+from uika_jax.render.mesh_raster import interpolate, needed_capacity, rasterize_triangles
 
 DEFAULT_LIGHT_DIR = (0.3, -0.5, -1.0)
 """Camera-space direction towards the light: from the camera side, upper right."""
@@ -55,7 +52,8 @@ class MeshRender:
       depth: (H, W) float32 camera depth; +inf where empty.
       triangle_id: (H, W) int32 visible face, -1 where empty.
       normals: (H, W, 3) float32 unit camera-space normals; 0 where empty.
-      overflow: int32 scalar, faces whose coverage was clipped by `max_extent`.
+      overflow: int32 scalar, faces whose coverage was clipped by the rasterizer's
+        `capacity` (0 when it suffices).
     """
 
     image: jax.Array
@@ -125,7 +123,7 @@ def _project_faces(vertices, faces, viewmat, K):
     return project(corner_cam, K), corner_cam[..., 2]
 
 
-def mesh_extent(
+def mesh_capacity(
     vertices: jax.Array,
     faces: jax.Array,
     viewmat: jax.Array,
@@ -133,29 +131,77 @@ def mesh_extent(
     height: int,
     width: int,
     *,
-    multiple_of: int = 1,
+    headroom: float = 1.0,
 ) -> int:
-    """Returns the rasterizer window that renders this mesh view without overflow (host side).
+    """Returns a rasterizer capacity that renders these views without overflow (host side).
 
-    Use it eagerly on a representative view to choose `max_extent` for jitted
-    `render_mesh` calls (add a margin for other poses and cameras).
+    The largest exact slot count (`needed_capacity`) over the views, times
+    `headroom`, rounded up by `round_capacity` (a few sizes an octave). Use it
+    eagerly on representative frames to choose `capacity` for jitted or batched
+    renders (a headroom above 1 covers other poses and cameras).
 
     Args:
-      vertices: (V, 3) world positions.
+      vertices: (V, 3) world positions, or (B, V, 3) for B views.
       faces: (F, 3) vertex indices.
-      viewmat: (4, 4) world-to-camera matrix.
-      K: (3, 3) intrinsics.
+      viewmat: (4, 4) world-to-camera matrix, or (B, 4, 4).
+      K: (3, 3) intrinsics, or (B, 3, 3).
       height: image height in pixels.
       width: image width in pixels.
-      multiple_of: round the result up to a multiple of this.
+      headroom: factor on the largest count (at least 1).
+
+    Raises:
+      ValueError: if headroom < 1 or the batch sizes differ.
     """
-    corners, depth = _project_faces(
-        jnp.asarray(vertices, jnp.float32),
-        jnp.asarray(faces),
-        jnp.asarray(viewmat, jnp.float32),
-        jnp.asarray(K, jnp.float32),
+    if headroom < 1:
+        raise ValueError(f"mesh_capacity: headroom must be at least 1, got {headroom}")
+    vertices, viewmat, K = _as_views(vertices, viewmat, K, "mesh_capacity")
+    faces = jnp.asarray(faces)
+    needed = 0
+    for view_vertices, view_viewmat, view_K in zip(vertices, viewmat, K, strict=True):
+        corners, depth = _project_faces(view_vertices, faces, view_viewmat, view_K)
+        needed = max(needed, needed_capacity(corners, depth, height, width))
+    return round_capacity(math.ceil(needed * headroom))
+
+
+def _as_views(vertices, viewmat, K, caller):
+    """Broadcasts one view or a batch of views to (B, V, 3), (B, 4, 4), (B, 3, 3) float32."""
+    vertices = jnp.asarray(vertices, jnp.float32)
+    viewmat = jnp.asarray(viewmat, jnp.float32)
+    K = jnp.asarray(K, jnp.float32)
+    sizes = {a.shape[0] for a, rank in ((vertices, 3), (viewmat, 3), (K, 3)) if a.ndim == rank}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{caller}: vertices {vertices.shape}, viewmat {viewmat.shape} and K {K.shape} "
+            "have different batch sizes"
+        )
+    batch = sizes.pop() if sizes else 1
+    return (
+        jnp.broadcast_to(vertices, (batch, *vertices.shape[-2:])),
+        jnp.broadcast_to(viewmat, (batch, 4, 4)),
+        jnp.broadcast_to(K, (batch, 3, 3)),
     )
-    return needed_extent(corners, depth, height, width, multiple_of=multiple_of)
+
+
+def _check_surface(faces, corner_uv, texture, caller):
+    """Validates the texture inputs against `faces`."""
+    if texture is not None and corner_uv is None:
+        raise ValueError(f"{caller}: a texture needs corner_uv (the image UV of face corners)")
+    if corner_uv is not None and jnp.shape(corner_uv) != (faces.shape[0], 3, 2):
+        raise ValueError(
+            f"{caller}: corner_uv has shape {jnp.shape(corner_uv)}, "
+            f"expected (F, 3, 2) = ({faces.shape[0]}, 3, 2)"
+        )
+
+
+def _shading_args(corner_uv, texture, light_dir, ambient, background):
+    """The shading inputs as float32 arrays (None stays None)."""
+    return (
+        None if corner_uv is None else jnp.asarray(corner_uv, jnp.float32),
+        None if texture is None else jnp.asarray(texture, jnp.float32),
+        jnp.asarray(light_dir, jnp.float32),
+        jnp.asarray(ambient, jnp.float32),
+        jnp.broadcast_to(jnp.asarray(background, jnp.float32), (3,)),
+    )
 
 
 def render_mesh(
@@ -171,12 +217,13 @@ def render_mesh(
     light_dir: jax.Array | tuple[float, float, float] = DEFAULT_LIGHT_DIR,
     ambient: float = 0.35,
     background: float | jax.Array = 1.0,
-    max_extent: int | None = None,
+    capacity: int | None = None,
 ) -> MeshRender:
     """Renders a triangle mesh with an OpenCV camera.
 
-    Jittable and vmappable over vertices / cameras when `max_extent` is given
-    (`mesh_extent` helps choose it); height and width are static.
+    Jittable and vmappable over vertices / cameras when `capacity` is given
+    (`mesh_capacity` helps choose it); height and width are static. For many
+    views of one mesh topology, `render_mesh_batch` compiles once per batch shape.
 
     Args:
       vertices: (V, 3) world positions (e.g. a head model's vertices after LBS).
@@ -192,7 +239,7 @@ def render_mesh(
       light_dir: (3,) camera-space direction towards the light (normalized here).
       ambient: ambient fraction in [0, 1]; 1 disables directional shading.
       background: colour of empty pixels, a scalar or (3,).
-      max_extent: rasterizer window (see `rasterize_triangles`); None sizes it from
+      capacity: rasterizer slots (see `rasterize_triangles`); None sizes it from
         the data (eager calls only).
 
     Returns:
@@ -200,56 +247,93 @@ def render_mesh(
 
     Raises:
       ValueError: if a texture is given without `corner_uv`, if `corner_uv` does
-        not match `faces`, or if max_extent is None under jit / vmap.
+        not match `faces`, or if capacity is None under jit / vmap.
     """
     faces = jnp.asarray(faces)
-    if texture is not None and corner_uv is None:
-        raise ValueError("render_mesh: a texture needs corner_uv (the image UV of face corners)")
-    if corner_uv is not None and jnp.shape(corner_uv) != (faces.shape[0], 3, 2):
-        raise ValueError(
-            f"render_mesh: corner_uv has shape {jnp.shape(corner_uv)}, "
-            f"expected (F, 3, 2) = ({faces.shape[0]}, 3, 2)"
-        )
-    if max_extent is None:
-        max_extent = mesh_extent(
-            vertices, faces, viewmat, K, height, width, multiple_of=EXTENT_QUANTUM
-        )
-    return _render(
-        jnp.asarray(vertices, jnp.float32),
+    _check_surface(faces, corner_uv, texture, "render_mesh")
+    if capacity is None:
+        capacity = mesh_capacity(vertices, faces, viewmat, K, height, width)
+    single = _render_batch(
+        jnp.asarray(vertices, jnp.float32)[None],
         faces,
-        None if corner_uv is None else jnp.asarray(corner_uv, jnp.float32),
-        jnp.asarray(viewmat, jnp.float32),
-        jnp.asarray(K, jnp.float32),
-        None if texture is None else jnp.asarray(texture, jnp.float32),
-        jnp.asarray(light_dir, jnp.float32),
-        jnp.asarray(ambient, jnp.float32),
-        jnp.broadcast_to(jnp.asarray(background, jnp.float32), (3,)),
+        jnp.asarray(viewmat, jnp.float32)[None],
+        jnp.asarray(K, jnp.float32)[None],
+        *_shading_args(corner_uv, texture, light_dir, ambient, background),
         height=int(height),
         width=int(width),
-        max_extent=int(max_extent),
+        capacity=int(capacity),
+    )
+    return jax.tree.map(lambda a: a[0], single)
+
+
+def render_mesh_batch(
+    vertices: jax.Array,
+    faces: jax.Array,
+    viewmats: jax.Array,
+    Ks: jax.Array,
+    height: int,
+    width: int,
+    *,
+    corner_uv: jax.Array | None = None,
+    texture: jax.Array | None = None,
+    light_dir: jax.Array | tuple[float, float, float] = DEFAULT_LIGHT_DIR,
+    ambient: float = 0.35,
+    background: float | jax.Array = 1.0,
+    capacity: int | None = None,
+) -> MeshRender:
+    """Renders B views of one mesh topology in one compiled, vectorised call.
+
+    One program per (B, mesh, texture shape, image size, capacity): calls with
+    other vertices, cameras or textures of the same shapes reuse it. Give a
+    fixed `capacity` (from `mesh_capacity` on representative views, with
+    headroom) to keep it fixed across batches; overflow is reported per view.
+
+    Args:
+      vertices: (B, V, 3) world positions.
+      faces: (F, 3) vertex indices, shared by the views.
+      viewmats: (B, 4, 4) world-to-camera matrices.
+      Ks: (B, 3, 3) intrinsics.
+      height: image height H in pixels.
+      width: image width W in pixels.
+      corner_uv: optional (F, 3, 2) image UV of every face corner, shared.
+      texture: optional albedo map, (Ht, Wt, 3) shared or (B, Ht, Wt, 3) per view.
+      light_dir: (3,) camera-space direction towards the light, shared.
+      ambient: ambient fraction in [0, 1], shared.
+      background: colour of empty pixels, a scalar or (3,), shared.
+      capacity: rasterizer slots per view; None: `mesh_capacity` of this batch.
+
+    Returns:
+      The `MeshRender` with a leading batch axis on every field (overflow (B,)).
+
+    Raises:
+      ValueError: as `render_mesh`, or if the batch sizes differ.
+    """
+    faces = jnp.asarray(faces)
+    _check_surface(faces, corner_uv, texture, "render_mesh_batch")
+    if jnp.ndim(vertices) != 3 or jnp.ndim(viewmats) != 3 or jnp.ndim(Ks) != 3:
+        raise ValueError(
+            f"render_mesh_batch: expected vertices (B, V, 3), viewmats (B, 4, 4), Ks (B, 3, 3); "
+            f"got {jnp.shape(vertices)}, {jnp.shape(viewmats)}, {jnp.shape(Ks)}"
+        )
+    vertices, viewmats, Ks = _as_views(vertices, viewmats, Ks, "render_mesh_batch")
+    if capacity is None:
+        capacity = mesh_capacity(vertices, faces, viewmats, Ks, height, width)
+    return _render_batch(
+        vertices,
+        faces,
+        viewmats,
+        Ks,
+        *_shading_args(corner_uv, texture, light_dir, ambient, background),
+        height=int(height),
+        width=int(width),
+        capacity=int(capacity),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("height", "width", "max_extent"))
-def _render(
-    vertices,
-    faces,
-    corner_uv,
-    viewmat,
-    K,
-    texture,
-    light_dir,
-    ambient,
-    background,
-    height,
-    width,
-    max_extent,
-):
-    """`render_mesh` after its argument checks (jitted)."""
-    corners, depth = _project_faces(vertices, faces, viewmat, K)
-    fragments = rasterize_triangles(corners, depth, height, width, max_extent=max_extent)
+def _shade(fragments, vertices, faces, viewmat, corner_uv, texture, light_dir, ambient, background):
+    """One view's `MeshRender` from its fragments (vmapped over views)."""
+    height, width = fragments.mask.shape
     mask = fragments.mask
-
     normals_cam = vertex_normals(vertices, faces) @ viewmat[:3, :3].T
     normals = _normalize(interpolate(fragments, normals_cam[faces]))
 
@@ -270,4 +354,24 @@ def _render(
         triangle_id=fragments.triangle_id,
         normals=normals,
         overflow=fragments.overflow,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "capacity"))
+def _render_batch(
+    vertices, faces, viewmats, Ks, corner_uv, texture, light_dir, ambient, background, *,
+    height, width, capacity,
+):  # fmt: skip
+    """`render_mesh_batch` after its argument checks.
+
+    The views are rasterized together (the rasterizer's batched path) and shaded
+    by `_shade` vmapped over them.
+    """
+    corners, depth = jax.vmap(_project_faces, in_axes=(0, None, 0, 0))(
+        vertices, faces, viewmats, Ks
+    )
+    fragments = rasterize_triangles(corners, depth, height, width, capacity=capacity)
+    texture_axis = None if texture is None or texture.ndim == 3 else 0
+    return jax.vmap(_shade, in_axes=(0, 0, None, 0, None, texture_axis, None, None, None))(
+        fragments, vertices, faces, viewmats, corner_uv, texture, light_dir, ambient, background
     )
