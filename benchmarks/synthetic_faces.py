@@ -1,0 +1,98 @@
+"""Does an off-the-shelf face detector see faces in the synthetic dataset's near-frontal frames?
+
+    python benchmarks/synthetic_faces.py --data DIR [--upsample 256] [--max-yaw 30]
+    python benchmarks/synthetic_faces.py --identities 24 --size 128 [--frames 4]
+
+Reads a dataset in the project's format (or generates one with `uika synth`'s
+generator into a temporary folder), takes every frame whose camera's yaw is at
+most --max-yaw degrees from frontal (from the stored viewmat: the angle about
+the world's vertical axis between the camera's optical axis and the head's
+forward axis -z of camera space, i.e. the camera sits on +z), upsamples it to
+--upsample pixels (bicubic) and runs dlib's HOG frontal face detector
+(`dlib-bin`, weights shipped with it; the ref extra). A detection counts only
+if its box's centre lies inside the frame's foreground mask (a face found in
+the background is a miss). Prints the detection rate per view and overall,
+and per sequence kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from uika_jax.data.checks import iter_frames
+from uika_jax.data.format import load_index
+from uika_jax.data.reader import read_image, read_mask, read_sequence
+
+
+def camera_yaw_deg(viewmat: np.ndarray) -> float:
+    """Yaw of a camera's position around the world's vertical axis, 0 in front (+z)."""
+    rotation, translation = viewmat[:3, :3], viewmat[:3, 3]
+    centre = -rotation.T @ translation
+    return math.degrees(math.atan2(centre[0], centre[2]))
+
+
+def measure(root: str, upsample: int, max_yaw: float) -> None:
+    import dlib
+
+    detector = dlib.get_frontal_face_detector()
+    index = load_index(root)
+    entries = {(s.id, q.id): q for s in index.subjects for q in s.sequences}
+    params = {key: read_sequence(root, index, key[0], q) for key, q in entries.items()}
+    hits, totals = collections.Counter(), collections.Counter()
+    for ref in iter_frames(index):
+        entry = entries[(ref.subject, ref.sequence)]
+        camera = entry.cameras.index(ref.camera)
+        yaw = camera_yaw_deg(params[(ref.subject, ref.sequence)].viewmats[camera])
+        if abs(yaw) > max_yaw:
+            continue
+        image = read_image(ref.path(root, "image", index.image_format), index.image_size)
+        mask = read_mask(ref.path(root, "mask", index.image_format), index.image_size)
+        big = np.asarray(Image.fromarray(image).resize((upsample, upsample), Image.BICUBIC))
+        scale = index.image_size / upsample
+        found = False
+        for box in detector(big, 0):
+            cx = int((box.left() + box.right()) / 2 * scale)
+            cy = int((box.top() + box.bottom()) / 2 * scale)
+            inside = 0 <= cx < index.image_size and 0 <= cy < index.image_size
+            found |= inside and mask[cy, cx] > 127
+        kind = ref.sequence.split("_", 1)[-1]
+        for key in (f"view {ref.camera}", f"kind {kind}", "all"):
+            totals[key] += 1
+            hits[key] += found
+    print(f"dlib HOG frontal detector, frames with |yaw| <= {max_yaw} deg, upsampled to {upsample}")
+    print(f"{'group':<24} {'frames':>7} {'found':>7} {'rate':>7}")
+    for key in sorted(totals, key=lambda k: (k == "all", k)):
+        print(f"{key:<24} {totals[key]:>7} {hits[key]:>7} {hits[key] / totals[key]:>7.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="a dataset folder; else one is generated")
+    parser.add_argument("--identities", type=int, default=24)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--upsample", type=int, default=256)
+    parser.add_argument("--max-yaw", type=float, default=30.0)
+    args = parser.parse_args()
+    if args.data:
+        measure(args.data, args.upsample, args.max_yaw)
+        return
+    from uika_jax.synthetic.dataset import SynthConfig, generate
+
+    config = SynthConfig(
+        identities=args.identities, frames=args.frames, size=args.size, seed=args.seed
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        generate(f"{folder}/synth", config)
+        measure(f"{folder}/synth", args.upsample, args.max_yaw)
+
+
+if __name__ == "__main__":
+    main()
