@@ -143,6 +143,19 @@ def _depth_terms(weights, inv_corner_depth):
     return terms, terms[0] + terms[1] + terms[2]
 
 
+def _corner_arrays(corners):
+    """(..., 3, 2) corners as the six arrays x0, y0, x1, y1, x2, y2."""
+    return tuple(corners[..., k, axis] for k in range(3) for axis in range(2))
+
+
+def _min3(a, b, c):
+    return jnp.minimum(jnp.minimum(a, b), c)
+
+
+def _max3(a, b, c):
+    return jnp.maximum(jnp.maximum(a, b), c)
+
+
 def _pixel_boxes(corners, corner_depth, height, width, near):
     """Per-triangle validity and clipped pixel bounding box (any leading batch axes).
 
@@ -150,22 +163,22 @@ def _pixel_boxes(corners, corner_depth, height, width, near):
       (valid (..., F) bool, row0, col0, rows, cols (..., F) int32): the box holds
       pixels row0..row0+rows-1 x col0..col0+cols-1; rows = cols = 0 where culled.
     """
-    x, y = corners[..., 0], corners[..., 1]
-    finite = jnp.all(jnp.isfinite(corners), axis=(-2, -1)) & jnp.all(
-        jnp.isfinite(corner_depth), axis=-1
-    )
-    area2 = (x[..., 1] - x[..., 0]) * (y[..., 2] - y[..., 0]) - (y[..., 1] - y[..., 0]) * (
-        x[..., 2] - x[..., 0]
-    )
+    # Explicit elementwise ops over the 3 corners: XLA reduces tiny axes slowly on CPU.
+    x0, y0, x1, y1, x2, y2 = _corner_arrays(corners)
+    finite = functools.reduce(
+        jnp.logical_and, [jnp.isfinite(a) for a in (x0, y0, x1, y1, x2, y2)]
+    ) & functools.reduce(jnp.logical_and, [jnp.isfinite(corner_depth[..., k]) for k in range(3)])
+    in_front = functools.reduce(jnp.logical_and, [corner_depth[..., k] > near for k in range(3)])
+    area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
 
     def span(lo, hi, size):
         first = jnp.clip(jnp.ceil(lo - 0.5), 0, size)
         last = jnp.clip(jnp.floor(hi - 0.5), -1, size - 1)
         return first.astype(jnp.int32), (last - first + 1).astype(jnp.int32)
 
-    row0, rows = span(y.min(-1), y.max(-1), height)
-    col0, cols = span(x.min(-1), x.max(-1), width)
-    valid = finite & (area2 != 0) & jnp.all(corner_depth > near, axis=-1) & (rows > 0) & (cols > 0)
+    row0, rows = span(_min3(y0, y1, y2), _max3(y0, y1, y2), height)
+    col0, cols = span(_min3(x0, x1, x2), _max3(x0, x1, x2), width)
+    valid = finite & (area2 != 0) & in_front & (rows > 0) & (cols > 0)
     return valid, row0, col0, jnp.where(valid, rows, 0), jnp.where(valid, cols, 0)
 
 
@@ -296,11 +309,6 @@ def _slot_pixels(local, row0, col0, cols, num_pixels):
     else:
         box_row = local // cols
     return row0 + box_row, col0 + local - box_row * cols
-
-
-def _corner_arrays(corners):
-    """(..., 3, 2) corners as the six arrays x0, y0, x1, y1, x2, y2."""
-    return tuple(corners[..., k, axis] for k in range(3) for axis in range(2))
 
 
 @functools.partial(jax.jit, static_argnames=("height", "width", "capacity", "near"))
@@ -437,5 +445,6 @@ def interpolate(fragments: Fragments, attributes: jax.Array) -> jax.Array:
       (H, W, C) interpolated attributes, 0 where no triangle covers the pixel.
     """
     tid = jnp.maximum(fragments.triangle_id, 0)
-    values = jnp.einsum("hwk,hwkc->hwc", fragments.barycentrics, attributes[tid])
+    corner_values = attributes[tid]
+    values = sum(fragments.barycentrics[..., k, None] * corner_values[..., k, :] for k in range(3))
     return jnp.where(fragments.mask[..., None], values, 0.0)

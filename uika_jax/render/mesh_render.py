@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from uika_jax.render.camera import project, world_to_camera
+from uika_jax.render.camera import project
 from uika_jax.render.capacity import round_capacity
 from uika_jax.render.mesh_raster import interpolate, needed_capacity, rasterize_triangles
 
@@ -113,14 +113,23 @@ def vertex_normals(vertices: jax.Array, faces: jax.Array) -> jax.Array:
 
 def _normalize(x: jax.Array) -> jax.Array:
     """Scales vectors (..., 3) to unit length; zero vectors stay zero (with zero gradient)."""
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    sq = x[..., 0:1] ** 2 + x[..., 1:2] ** 2 + x[..., 2:3] ** 2
     return x * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def _rotate(points, viewmat):
+    """Applies the rotation of a 4x4 world-to-camera matrix to points (..., 3).
+
+    Multiply-adds rather than a matmul: XLA runs (N, 3) x (3, 3) products slowly on CPU.
+    """
+    rotation = viewmat[:3, :3]
+    return sum(points[..., k : k + 1] * rotation[:, k] for k in range(3))
 
 
 def _project_faces(vertices, faces, viewmat, K):
     """Returns the face corners in image coordinates (F, 3, 2) and their depths (F, 3)."""
-    corner_cam = world_to_camera(vertices, viewmat)[faces]
-    return project(corner_cam, K), corner_cam[..., 2]
+    camera = _rotate(vertices, viewmat) + viewmat[:3, 3]
+    return project(camera, K)[faces], camera[:, 2][faces]
 
 
 def mesh_capacity(
@@ -334,7 +343,7 @@ def _shade(fragments, vertices, faces, viewmat, corner_uv, texture, light_dir, a
     """One view's `MeshRender` from its fragments (vmapped over views)."""
     height, width = fragments.mask.shape
     mask = fragments.mask
-    normals_cam = vertex_normals(vertices, faces) @ viewmat[:3, :3].T
+    normals_cam = _rotate(vertex_normals(vertices, faces), viewmat)
     normals = _normalize(interpolate(fragments, normals_cam[faces]))
 
     image_uv = None if corner_uv is None else interpolate(fragments, corner_uv)
@@ -343,7 +352,8 @@ def _shade(fragments, vertices, faces, viewmat, corner_uv, texture, light_dir, a
         albedo = jnp.full((height, width, 3), UNTEXTURED_ALBEDO, jnp.float32)
     else:
         albedo = sample_texture(texture, image_uv)
-    lambert = jnp.maximum(normals @ _normalize(light_dir), 0.0)[..., None]
+    light = _normalize(light_dir)
+    lambert = jnp.maximum(sum(normals[..., k : k + 1] * light[k] for k in range(3)), 0.0)
     shade = ambient + (1.0 - ambient) * lambert
     image = jnp.where(mask[..., None], jnp.clip(albedo * shade, 0.0, 1.0), background)
     return MeshRender(
