@@ -69,13 +69,18 @@ def _publish(temp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike, *, durable: bool = True) -> Iterator[BinaryIO]:
     """Opens a temporary file beside `path` for binary writing; renames it over `path` on success.
 
-    The temporary file is fsynced before the rename and removed if the body raises.
+    The temporary file is removed if the body raises. The rename alone keeps a
+    crashed or killed process from leaving a half-written file; `durable` also
+    fsyncs the data before the rename, which a power loss needs (a writer of many
+    small files may skip it per file and call `os.sync()` before it records them
+    as complete, as `uika_jax.data.writer` does).
 
     Args:
       path: the destination; its folder must exist (it is not created).
+      durable: fsync the file before renaming it.
 
     Yields:
       A binary file object to write to.
@@ -87,8 +92,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         with temp.open("xb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         _publish(temp, path)
     finally:
         temp.unlink(missing_ok=True)
@@ -126,13 +132,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
-def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, compress: bool = False):
+def write_npz(
+    path: str | os.PathLike,
+    arrays: dict[str, np.ndarray],
+    *,
+    compress: bool = False,
+    durable: bool = True,
+):
     """Writes arrays as an `.npz` atomically (no object arrays: they would need pickle).
 
     Args:
       path: the destination.
       arrays: name -> array of a plain numeric or unicode dtype.
       compress: deflate the members.
+      durable: as in `atomic_write`.
 
     Raises:
       ValueError: if an array has an object dtype.
@@ -140,7 +153,7 @@ def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, compres
     for name, value in arrays.items():
         if np.asarray(value).dtype == object:
             raise ValueError(f"{path}: array {name!r} has an object dtype")
-    with atomic_write(path) as f:
+    with atomic_write(path, durable=durable) as f:
         (np.savez_compressed if compress else np.savez)(f, **arrays)
 
 

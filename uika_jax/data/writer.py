@@ -1,6 +1,7 @@
 """Writing datasets in the format of `uika_jax.data.format`: atomically and resumably.
 
-Every file is written under a temporary name and renamed (`atomic_write`), and a
+Every file is written under a temporary name and renamed (`atomic_write`; frames
+without a per-file fsync, then one `os.sync()` before the sequence's marker), and a
 sequence's `sequence.npz` is written after all its frames: a generator or
 importer interrupted half-way leaves finished sequences intact and unfinished
 ones without `sequence.npz`, which `sequence_complete` tells apart, so a rerun
@@ -9,6 +10,7 @@ redoes only those.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ JPEG_QUALITY = 95
 
 
 def _write_image(path: Path, pixels: np.ndarray, image_format: str) -> None:
-    with atomic_write(path) as f:
+    with atomic_write(path, durable=False) as f:
         if image_format == "jpg":
             Image.fromarray(pixels).save(f, format="JPEG", quality=JPEG_QUALITY)
         else:
@@ -87,7 +89,9 @@ def write_frame(
             raise ValueError("the dataset has UV maps: pass image_uv and uv_valid")
         if image_uv.shape != (size, size, 2) or uv_valid.shape != (size, size):
             raise ValueError(f"image_uv must be ({size}, {size}, 2), uv_valid ({size}, {size})")
-        write_npz(path("uv", "npz"), {"uv": encode_uv(image_uv, uv_valid)}, compress=True)
+        write_npz(
+            path("uv", "npz"), {"uv": encode_uv(image_uv, uv_valid)}, compress=True, durable=False
+        )
 
 
 def finish_sequence(
@@ -113,6 +117,7 @@ def finish_sequence(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SEQUENCE_FILE
     arrays = {k: np.asarray(v, np.float32) for k, v in params.arrays().items()}
+    os.sync()  # the frames (written without a per-file fsync) reach the disk first
     write_npz(path, arrays)
     try:
         read_sequence(root, index, subject, entry)
