@@ -4,12 +4,15 @@
 +y axis (positive: from the subject's left, +x) and pitch the camera's
 elevation (positive: from above):
 
-    (0, 0), (-30, 0), (30, 0), (-60, 0), (60, 0),       a horizontal arc
-    (-30, 20), (30, 20), (-30, -20), (30, -20)          from above and below
+    near frontal:  (0, 0), (-25, 0), (25, 0), (0, 15), (0, -15)
+    wide:          (-55, 0), (55, 0), (-40, 20), (40, 20)
 
-so five views cover a 120 degree arc at eye level and four more see the
-face from above and below, like the paper's 9 fixed views around the front
-of the head. Every view frames the identity's neutral head as the project's
+so five views stay within 25 degrees of the face (where frontal face
+detectors and most phone footage live: dlib's HOG detector found the face in
+97% of them, 32 jittered identities with hair and random lights at 128 pixels
+upsampled to 256, against 59% with views at (+-30, +-20) instead) and four
+more reach round to the ears and look down from above, together covering the
+front half of the head. Every view frames the identity's neutral head as the project's
 face framing does (`uika_jax.synthetic.views.identity_framing`, then
 `uika_jax.render.camera.framing_camera`: the head centred, crown to chin
 spanning `HEAD_FRACTION` of the image height).
@@ -36,14 +39,14 @@ from uika_jax.synthetic.views import identity_framing
 
 FIXED_VIEWS: tuple[tuple[float, float], ...] = (
     (0.0, 0.0),
-    (-30.0, 0.0),
-    (30.0, 0.0),
-    (-60.0, 0.0),
-    (60.0, 0.0),
-    (-30.0, 20.0),
-    (30.0, 20.0),
-    (-30.0, -20.0),
-    (30.0, -20.0),
+    (-25.0, 0.0),
+    (25.0, 0.0),
+    (0.0, 15.0),
+    (0.0, -15.0),
+    (-55.0, 0.0),
+    (55.0, 0.0),
+    (-40.0, 20.0),
+    (40.0, 20.0),
 )
 """The rig's (yaw, pitch) in degrees (module docstring)."""
 
