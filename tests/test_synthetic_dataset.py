@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from uika_jax.data.checks import check_dataset
 from uika_jax.data.format import INDEX_FILE, load_index
@@ -93,3 +94,13 @@ def test_splits_are_by_identity_exact_and_deterministic():
     with pytest.raises(ValueError, match=r"views must be in 1\.\.9"):
         SynthConfig(identities=1, views=10)
     assert np.all(np.isin(splits, ["train", "val", "test"]))
+
+
+def test_contact_sheet_shows_every_camera_then_mask_and_uv(made, tmp_path):
+    out = tmp_path / "sheet.png"
+    assert uika(["sheet", str(made), "--out", str(out), "--cell", "20"]) == 0
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape == (3 * 20, (2 + 2) * 20, 3)  # 3 subjects; 2 cameras, mask, UV
+    mask_cell = sheet[:20, 40:60]
+    assert mask_cell.min() == 0 and mask_cell.max() == 255
+    assert uika(["sheet", str(tmp_path / "none"), "--out", str(out)]) == 2

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "check": "uika_jax.tools.check",
     "import-vhap": "uika_jax.tools.import_vhap",
     "pack": "uika_jax.tools.pack",
+    "sheet": "uika_jax.tools.sheet",
     "synth": "uika_jax.tools.synth",
 }
 

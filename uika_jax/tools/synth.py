@@ -5,8 +5,8 @@
         [--shadows 2] [--no-hair] [--format png|jpg]
 
 Identities x the first --views of the 9 fixed views (yaw, pitch in degrees:
-(0, 0), (-30, 0), (30, 0), (-60, 0), (60, 0), (-30, 20), (30, 20), (-30, -20),
-(30, -20), jittered per identity) x --sequences motion sequences of --frames
+(0, 0), (-25, 0), (25, 0), (0, 15), (0, -15), (-55, 0), (55, 0), (-40, 20),
+(40, 20), jittered per identity) x --sequences motion sequences of --frames
 frames shared by all views, with masks, ground-truth UV maps, FLAME-format
 parameters and cameras, in the dataset format (README). Deterministic by
 --seed. --shard K/N writes part K (1-based) of N: run N machines (a job array)
