@@ -4,10 +4,10 @@
     python benchmarks/synthetic_faces.py --identities 24 --size 128 [--frames 4]
 
 Reads a dataset in the project's format (or generates one with `uika synth`'s
-generator into a temporary folder), takes every frame whose camera's yaw is at
-most --max-yaw degrees from frontal (from the stored viewmat: the angle about
-the world's vertical axis between the camera's optical axis and the head's
-forward axis -z of camera space, i.e. the camera sits on +z), upsamples it to
+generator into a temporary folder), takes every frame whose face is turned at
+most --max-yaw degrees from the camera (the head's forward axis, turned by the
+frame's global and neck rotations, against the camera's from its viewmat: yaw
+about the camera's vertical axis), upsamples it to
 --upsample pixels (bicubic) and runs dlib's HOG frontal face detector
 (`dlib-bin`, weights shipped with it; the ref extra). A detection counts only
 if its box's centre lies inside the frame's foreground mask (a face found in
@@ -30,11 +30,26 @@ from uika_jax.data.format import load_index
 from uika_jax.data.reader import read_image, read_mask, read_sequence
 
 
-def camera_yaw_deg(viewmat: np.ndarray) -> float:
-    """Yaw of a camera's position around the world's vertical axis, 0 in front (+z)."""
-    rotation, translation = viewmat[:3, :3], viewmat[:3, 3]
-    centre = -rotation.T @ translation
-    return math.degrees(math.atan2(centre[0], centre[2]))
+def face_yaw_deg(viewmat: np.ndarray, pose: np.ndarray) -> float:
+    """Yaw of the face seen by a camera: 0 when the head looks straight into it.
+
+    The face's forward axis (+z of the head model) turned by the global and neck
+    rotations, in camera space (OpenCV: the camera looks along +z, so a face
+    looking into the camera points along -z); yaw about the camera's vertical axis.
+    """
+    forward = _rotation(pose[0]) @ _rotation(pose[1]) @ np.array([0.0, 0.0, 1.0])
+    x, _, z = viewmat[:3, :3] @ forward
+    return math.degrees(math.atan2(x, -z))
+
+
+def _rotation(axis_angle: np.ndarray) -> np.ndarray:
+    """Rodrigues' formula."""
+    angle = float(np.linalg.norm(axis_angle))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = axis_angle / angle
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
 
 
 def measure(root: str, upsample: int, max_yaw: float) -> None:
@@ -48,7 +63,8 @@ def measure(root: str, upsample: int, max_yaw: float) -> None:
     for ref in iter_frames(index):
         entry = entries[(ref.subject, ref.sequence)]
         camera = entry.cameras.index(ref.camera)
-        yaw = camera_yaw_deg(params[(ref.subject, ref.sequence)].viewmats[camera])
+        sequence = params[(ref.subject, ref.sequence)]
+        yaw = face_yaw_deg(sequence.viewmats[camera], sequence.pose[ref.frame])
         if abs(yaw) > max_yaw:
             continue
         image = read_image(ref.path(root, "image", index.image_format), index.image_size)
