@@ -288,13 +288,24 @@ def _slot_owners(counts, ends, rank, capacity):
     batch = counts.shape[0]
     starts = ends - counts
     frame_slot0 = capacity * jnp.arange(batch, dtype=jnp.int32)[:, None]
+    # Triangles with slots start at distinct slots, in rank order: a slot's owner is the
+    # number of starts at or before it, minus one.
     marks = jnp.where((counts > 0) & (starts < capacity), frame_slot0 + starts, batch * capacity)
-    owner = jnp.zeros((batch * capacity,), jnp.int32)
-    owner = owner.at[marks.ravel()].max(rank.ravel(), mode="drop").reshape(batch, capacity)
-    # A parallel scan: several times faster on CPU than lax.cummax's reduce-window.
-    owner = jax.lax.associative_scan(jnp.maximum, owner, axis=1)
+    firsts = jnp.zeros((batch * capacity,), jnp.int32).at[marks.ravel()].set(1, mode="drop")
+    owner = jnp.cumsum(firsts.reshape(batch, capacity), axis=1, dtype=jnp.int32) - 1
     used = jnp.arange(capacity, dtype=jnp.int32) < ends[:, -1:]
     return owner, used
+
+
+def _materialized(array, always):
+    """The array, computed once before its consumers run.
+
+    XLA on CPU fuses cheap producers into every consumer, recomputing them per
+    consumer element (for a gather index: per gathered element); an identity
+    behind a conditional cannot be fused. `always` is a traced predicate that
+    is true (the other branch is never taken), so XLA cannot drop the conditional.
+    """
+    return jax.lax.cond(always, lambda a: a, jnp.zeros_like, array)
 
 
 def _slot_pixels(local, row0, col0, cols, num_pixels):
@@ -339,8 +350,9 @@ def _rasterize(corners, corner_depth, height, width, capacity, near):
     )
     owner, used = _slot_owners(counts, ends, rank, capacity)
     frame = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    flat_owner = _materialized(owner + num_faces * frame, jnp.all(ends >= 0))
     slot_start, slot_row0, slot_col0, slot_cols, slot_face, *slot_tri = (
-        a[owner + num_faces * frame] for a in packed
+        a[flat_owner] for a in packed
     )
     local = jnp.arange(capacity, dtype=jnp.int32) - slot_start
     row, col = _slot_pixels(local, slot_row0, slot_col0, slot_cols, num_pixels)
