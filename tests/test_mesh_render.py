@@ -363,6 +363,6 @@ def test_render_gradients_are_finite():
         )
         return jnp.sum(out.image) + jnp.sum(out.image_uv) + jnp.sum(out.normals)
 
-    grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(model.v_template), texture)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(model.v_template), texture)
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)

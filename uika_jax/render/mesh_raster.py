@@ -419,8 +419,9 @@ def rasterize_triangles(
       The `Fragments` of the image (with a leading B axis for a batch).
 
     Raises:
-      ValueError: if capacity is None under jit / vmap, or if it is not in
-        [1, 2^31 - 2], or if the corner arrays have the wrong shapes.
+      ValueError: if capacity is None under jit / vmap, if it is not in
+        [1, 2^31 - 2], if the batch's slots, pixels or faces exceed int32
+        indices, or if the corner arrays have the wrong shapes.
     """
     single = jnp.ndim(corners) == 3
     corners, corner_depth = _as_batch(corners, corner_depth, "rasterize_triangles")
@@ -431,6 +432,12 @@ def rasterize_triangles(
             f"rasterize_triangles: capacity must be in [1, {MAX_CAPACITY}], got {capacity}"
         )
     batch, num_faces = corners.shape[:2]
+    if batch * max(capacity, height * width + 1, num_faces) > MAX_CAPACITY:
+        raise ValueError(
+            f"rasterize_triangles: {batch} frames x {capacity} slots (or x {height} x {width} "
+            f"pixels, or x {num_faces} faces) exceed the {MAX_CAPACITY} that int32 indices "
+            "address: rasterize fewer frames per call"
+        )
     if num_faces == 0:
         fragments = Fragments(
             jnp.full((batch, height, width), -1, jnp.int32),

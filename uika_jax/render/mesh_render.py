@@ -5,6 +5,11 @@
 (`uika_jax.render.mesh_raster`) and returns the shaded image together with the
 per-pixel image UV, mask, depth, visible face and camera-space normal. It takes
 plain arrays (vertices, faces, per-corner image UV, texture), no head model.
+`render_mesh_batch` renders many views of one mesh topology (other vertices,
+cameras, textures) in one compiled call: a synthetic dataset's frames. The
+rasterizer's static `capacity` (slots for the faces' pixel bounding boxes,
+about 2 to 3 per image pixel for a face-framed head) comes from
+`mesh_capacity` on representative views; overflow is reported, never silent.
 
 Image UV: both axes in [0, 1], the second pointing down like image rows; a
 texture of Ht x Wt texels has texel (i, j) centred at image UV
