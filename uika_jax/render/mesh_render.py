@@ -197,13 +197,14 @@ def _as_views(vertices, viewmat, K, caller):
 
 
 def _check_surface(faces, corner_uv, texture, caller):
-    """Validates the texture inputs against `faces`."""
+    """Validates the texture inputs against `faces` (shapes only: no device work)."""
+    num_faces = jnp.shape(faces)[0]
     if texture is not None and corner_uv is None:
         raise ValueError(f"{caller}: a texture needs corner_uv (the image UV of face corners)")
-    if corner_uv is not None and jnp.shape(corner_uv) != (faces.shape[0], 3, 2):
+    if corner_uv is not None and jnp.shape(corner_uv) != (num_faces, 3, 2):
         raise ValueError(
             f"{caller}: corner_uv has shape {jnp.shape(corner_uv)}, "
-            f"expected (F, 3, 2) = ({faces.shape[0]}, 3, 2)"
+            f"expected (F, 3, 2) = ({num_faces}, 3, 2)"
         )
 
 
@@ -263,21 +264,13 @@ def render_mesh(
       ValueError: if a texture is given without `corner_uv`, if `corner_uv` does
         not match `faces`, or if capacity is None under jit / vmap.
     """
-    faces = jnp.asarray(faces)
     _check_surface(faces, corner_uv, texture, "render_mesh")
     if capacity is None:
         capacity = mesh_capacity(vertices, faces, viewmat, K, height, width)
-    single = _render_batch(
-        jnp.asarray(vertices, jnp.float32)[None],
-        faces,
-        jnp.asarray(viewmat, jnp.float32)[None],
-        jnp.asarray(K, jnp.float32)[None],
-        *_shading_args(corner_uv, texture, light_dir, ambient, background),
-        height=int(height),
-        width=int(width),
-        capacity=int(capacity),
-    )
-    return jax.tree.map(lambda a: a[0], single)
+    return _render_one(
+        vertices, faces, viewmat, K, corner_uv, texture, light_dir, ambient, background,
+        height=int(height), width=int(width), capacity=int(capacity),
+    )  # fmt: skip
 
 
 def render_mesh_batch(
@@ -322,26 +315,19 @@ def render_mesh_batch(
     Raises:
       ValueError: as `render_mesh`, or if the batch sizes differ.
     """
-    faces = jnp.asarray(faces)
     _check_surface(faces, corner_uv, texture, "render_mesh_batch")
-    if jnp.ndim(vertices) != 3 or jnp.ndim(viewmats) != 3 or jnp.ndim(Ks) != 3:
+    shapes = [jnp.shape(a) for a in (vertices, viewmats, Ks)]
+    if [len(s) for s in shapes] != [3, 3, 3] or len({s[0] for s in shapes}) != 1:
         raise ValueError(
-            f"render_mesh_batch: expected vertices (B, V, 3), viewmats (B, 4, 4), Ks (B, 3, 3); "
-            f"got {jnp.shape(vertices)}, {jnp.shape(viewmats)}, {jnp.shape(Ks)}"
+            "render_mesh_batch: expected vertices (B, V, 3), viewmats (B, 4, 4), Ks (B, 3, 3); "
+            f"got {shapes[0]}, {shapes[1]}, {shapes[2]}"
         )
-    vertices, viewmats, Ks = _as_views(vertices, viewmats, Ks, "render_mesh_batch")
     if capacity is None:
         capacity = mesh_capacity(vertices, faces, viewmats, Ks, height, width)
     return _render_batch(
-        vertices,
-        faces,
-        viewmats,
-        Ks,
-        *_shading_args(corner_uv, texture, light_dir, ambient, background),
-        height=int(height),
-        width=int(width),
-        capacity=int(capacity),
-    )
+        vertices, faces, viewmats, Ks, corner_uv, texture, light_dir, ambient, background,
+        height=int(height), width=int(width), capacity=int(capacity),
+    )  # fmt: skip
 
 
 def _shade(fragments, vertices, faces, viewmat, corner_uv, texture, light_dir, ambient, background):
@@ -372,16 +358,20 @@ def _shade(fragments, vertices, faces, viewmat, corner_uv, texture, light_dir, a
     )
 
 
-@functools.partial(jax.jit, static_argnames=("height", "width", "capacity"))
-def _render_batch(
+def _render_views(
     vertices, faces, viewmats, Ks, corner_uv, texture, light_dir, ambient, background, *,
     height, width, capacity,
 ):  # fmt: skip
-    """`render_mesh_batch` after its argument checks.
+    """`render_mesh_batch` after its argument checks (traced).
 
     The views are rasterized together (the rasterizer's batched path) and shaded
     by `_shade` vmapped over them.
     """
+    vertices, viewmats, Ks = (jnp.asarray(a, jnp.float32) for a in (vertices, viewmats, Ks))
+    faces = jnp.asarray(faces)
+    corner_uv, texture, light_dir, ambient, background = _shading_args(
+        corner_uv, texture, light_dir, ambient, background
+    )
     corners, depth = jax.vmap(_project_faces, in_axes=(0, None, 0, 0))(
         vertices, faces, viewmats, Ks
     )
@@ -390,3 +380,16 @@ def _render_batch(
     return jax.vmap(_shade, in_axes=(0, 0, None, 0, None, texture_axis, None, None, None))(
         fragments, vertices, faces, viewmats, corner_uv, texture, light_dir, ambient, background
     )
+
+
+_render_batch = jax.jit(_render_views, static_argnames=("height", "width", "capacity"))
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "capacity"))
+def _render_one(vertices, faces, viewmat, K, *shading, height, width, capacity):
+    """`render_mesh` after its argument checks: one view through `_render_views`."""
+    views = _render_views(
+        jnp.asarray(vertices)[None], faces, jnp.asarray(viewmat)[None], jnp.asarray(K)[None],
+        *shading, height=height, width=width, capacity=capacity,
+    )  # fmt: skip
+    return jax.tree.map(lambda a: a[0], views)
