@@ -140,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.b1 = 0.9
     o.b2 = 0.999  # assumed (Adam defaults)
     o.grad_clip = 1.0  # assumed
+    o.weight_decay = 0.0  # Adam, as the paper; > 0: AdamW on kernels only
 
     s = config.sharding = ml_collections.ConfigDict()
     s.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1: every remaining device

@@ -1,0 +1,1 @@
+"""The training core: state and step, losses, optimizer, checkpointing, loop, logging."""
