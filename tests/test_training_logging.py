@@ -77,6 +77,8 @@ def test_non_finite_values_are_written_as_null_with_a_warning(tmp_path):
             logger.write_scalars(2, {"grad_norm": np.inf})
         with pytest.raises(ValueError, match="'image'"):
             logger.write_scalars(3, {"image": np.zeros((2, 2))})
+        with pytest.raises(ValueError, match="'phase'"):
+            logger.write_scalars(3, {"phase": 1j})
     assert _lines(tmp_path) == [
         {"step": 1, "loss": None, "grad_norm": 2.0},
         {"step": 2, "grad_norm": None},

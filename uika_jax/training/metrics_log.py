@@ -105,7 +105,8 @@ def write_config(workdir: str | os.PathLike, config: Any, *, overwrite: bool = F
 def _json_value(name: str, value: Any) -> float | int | None:
     """A scalar metric as a JSON number, or None (with a warning) when it is not finite."""
     array = np.asarray(value)
-    if array.size != 1 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+    real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.size != 1 or not (real or array.dtype == bool):
         raise ValueError(
             f"metric {name!r} must be a numeric scalar, got {array.dtype} {array.shape}"
         )
@@ -220,7 +221,7 @@ class ProgressBar:
             initial=initial_step,
             disable=not enabled,
             file=file if file is not None else sys.stderr,
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}",
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             dynamic_ncols=True,
         )
 
