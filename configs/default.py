@@ -118,7 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     h = config.head = ml_collections.ConfigDict()
     h.model_path = "assets/flame/flame2023.pkl"  # None: the built-in synthetic head
     h.uv_path = "assets/flame/FLAME_texture.npz"
-    h.num_anchors = 130_000  # ~130K texels of the 384 x 384 UV mask; None: all covered
+    # Anchors: None = every texel the head's UV layout covers at decoder.map_size (the
+    # paper's "~130K" at 384 with FLAME, assumed to mean all of them; the built-in head
+    # covers 88,464); an int K <= that count keeps K texels evenly spaced.
+    h.num_anchors = None
     h.use_dataset_shape = False  # drive with beta = 0 (True: the dataset's beta)
 
     r = config.render = ml_collections.ConfigDict()

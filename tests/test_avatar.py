@@ -21,6 +21,7 @@ from uika_jax.config import load_config
 from uika_jax.head.anchors import anchor_attributes
 from uika_jax.head.lbs import FlameParams
 from uika_jax.head.rotations import axis_angle_to_matrix
+from uika_jax.head.uv_raster import uv_rasterize
 from uika_jax.models.avatar import UIKA, build_head, drive, render
 from uika_jax.models.correspondence import correspondence_loss
 from uika_jax.models.frozen import FrozenParam
@@ -353,6 +354,21 @@ def test_errors():
     viewmats, Ks = _cameras()
     with pytest.raises(ValueError, match="one camera per"):
         render(posed, viewmats[:, :1], Ks, S, S)
+
+
+def test_default_config_anchors_fit_either_head():
+    """num_anchors None (configs/default.py) takes every covered texel of the built-in head;
+    a count above the coverage is refused naming the config key (map 32: cheap)."""
+    config = load_config("configs/default.py")
+    assert config.head.num_anchors is None
+    config.head.model_path = None
+    config.model.decoder.map_size = 32
+    head, anchors = build_head(config)
+    covered = int(np.asarray(uv_rasterize(head, 32).mask).sum())
+    assert anchors.num_anchors == covered > 0
+    config.head.num_anchors = covered + 1
+    with pytest.raises(ValueError, match=r"head.num_anchors=\d+ does not fit the built-in"):
+        build_head(config)
 
 
 def test_separate_backbones_without_uv_attention_run():

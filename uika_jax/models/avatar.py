@@ -325,7 +325,15 @@ def build_head(config: ml_collections.ConfigDict) -> tuple[HeadModel, Anchors]:
     """
     h = config.head
     head = load_head_model(h.model_path, h.uv_path) if h.model_path else synthetic_head_model()
-    return head, make_anchors(head, config.model.decoder.map_size, h.num_anchors)
+    try:
+        return head, make_anchors(head, config.model.decoder.map_size, h.num_anchors)
+    except ValueError as error:
+        source = h.model_path or "the built-in synthetic head"
+        raise ValueError(
+            f"config head.num_anchors={h.num_anchors} does not fit {source} at "
+            f"model.decoder.map_size={config.model.decoder.map_size}: {error}; "
+            "head.num_anchors=None takes every covered texel"
+        ) from error
 
 
 # --------------------------------------------------------------------------- driving
