@@ -1,4 +1,6 @@
-"""Attention backends: chunked and splash (Pallas interpreter) against XLA, masks, errors."""
+"""Attention backends: chunked and splash (Pallas interpreter) against XLA, masks, errors;
+the "auto" resolution table; and, marked `gpu` (skipped elsewhere), cuDNN forward and
+gradients on the device (``JAX_PLATFORMS=cuda pytest -m gpu tests/test_attention.py``)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from network_fixtures import FAST_COMPILE
 
-from uika_jax.models.attention import AttentionConfig, attention
+from uika_jax.models.attention import AttentionConfig, attention, current_platform, resolve_backend
 
 B, T, S, H, DH = 2, 20, 37, 4, 8
 
@@ -151,6 +153,7 @@ def test_cudnn_on_cpu_raises():
 
 @pytest.mark.gpu
 def test_cudnn_matches_xla_on_gpu():
+    """cuDNN in bfloat16 against float64 NumPy (forward) and xla in float32 (gradients)."""
     q, k, v, mask = _inputs(dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="bfloat16 or all float16"):
         attention(
@@ -159,6 +162,45 @@ def test_cudnn_matches_xla_on_gpu():
     out = attention(q, k, v, mask, config=AttentionConfig("cudnn"))
     ref = _numpy_attention(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
+    _, grads = _loss_and_grads(AttentionConfig("cudnn"), q, k, v, mask)
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    _, grads_ref = _loss_and_grads(AttentionConfig(), *f32, mask)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        g, g_ref = np.asarray(g, np.float32), np.asarray(g_ref)
+        assert np.linalg.norm(g - g_ref) <= 2e-2 * np.linalg.norm(g_ref)
+    # Padded keys get no gradient.
+    np.testing.assert_array_equal(np.asarray(grads[1], np.float32)[~np.asarray(mask)], 0.0)
+    assert current_platform() == "cuda"
+    assert resolve_backend("auto", current_platform(), jnp.bfloat16) == "cudnn"
+
+
+AUTO_TABLE = [
+    ("cuda", jnp.bfloat16, "cudnn"),
+    ("cuda", jnp.float16, "cudnn"),
+    ("cuda", jnp.float32, "chunked"),
+    ("rocm", jnp.bfloat16, "chunked"),
+    ("tpu", jnp.bfloat16, "splash"),
+    ("tpu", jnp.float32, "splash"),
+    ("cpu", jnp.bfloat16, "chunked"),
+    ("cpu", jnp.float32, "chunked"),
+]
+
+
+@pytest.mark.parametrize(("platform", "dtype", "expected"), AUTO_TABLE)
+def test_auto_resolves_by_platform_and_dtype(platform, dtype, expected):
+    assert resolve_backend("auto", platform, dtype) == expected
+    assert resolve_backend("xla", platform, dtype) == "xla"  # a named backend overrides
+
+
+def test_auto_runs_the_resolved_backend():
+    """Here "auto" is chunked: the same program (hence bitwise the same numbers)."""
+    q, k, v, mask = _inputs()
+    assert current_platform() == "cpu"
+    auto = attention(q, k, v, mask, config=AttentionConfig("auto", chunk_size=16))
+    chunked = attention(q, k, v, mask, config=AttentionConfig("chunked", chunk_size=16))
+    np.testing.assert_array_equal(auto, chunked)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash", "cpu", jnp.float32)
 
 
 def test_bad_inputs_raise():
