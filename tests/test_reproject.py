@@ -54,10 +54,10 @@ def _numpy_reference(images, uv, face, view_mask, r):
     i_uv = np.where(hits[..., None] > 0, sums / np.maximum(hits, 1)[..., None], 0)
     n_hit = hits.sum(1)
     i_aggr = np.where(n_hit[..., None] > 0, sums.sum(1) / np.maximum(n_hit, 1)[..., None], 0)
-    conf = np.log1p(n_hit)
-    peak = conf.max(axis=(1, 2), keepdims=True)
-    gamma = np.where(peak > 0, conf / np.where(peak > 0, peak, 1), 0)
-    return i_uv, hits, i_aggr, gamma, n_hit
+    n_views = (hits > 0).sum(1)
+    n_real = np.asarray(view_mask).sum(1)[:, None, None]
+    gamma = np.where(n_real > 0, np.log1p(n_views) / np.log1p(np.maximum(n_real, 1)), 0)
+    return i_uv, hits, i_aggr, gamma, n_hit, n_views
 
 
 def _random_inputs(seed, b=2, n=3, h=6, w=5):
@@ -78,10 +78,9 @@ def test_matches_numpy_reference():
     out = _reproject(images, uv, prob, view_mask, 4)
     ref = _numpy_reference(images, uv, prob[..., 0] > 0.5, view_mask, 4)
     assert out.i_uv.shape == (2, 3, 4, 4, 3) and out.gamma.shape == (2, 4, 4, 1)
-    assert out.hits.dtype == out.n_hit.dtype == jnp.int32
-    for got, want in zip(
-        (out.i_uv, out.hits, out.i_aggr, out.gamma[..., 0], out.n_hit), ref, strict=True
-    ):
+    assert out.hits.dtype == out.n_hit.dtype == out.n_views.dtype == jnp.int32
+    outputs = (out.i_uv, out.hits, out.i_aggr, out.gamma[..., 0], out.n_hit, out.n_views)
+    for got, want in zip(outputs, ref, strict=True):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
     assert np.all(np.asarray(out.hits[1, 2]) == 0)
     assert np.asarray(out.hits)[0, 0, 3, 3] >= 1
@@ -113,6 +112,32 @@ def test_view_permutation_invariance_and_padding():
     other = _reproject(images2, uv2, prob2, view_mask, 6)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(other), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gamma_ignores_outlier_texels_and_counts_real_views():
+    """A texel flooded by thousands of pixels (saturated UVs) leaves every other texel's
+    gamma unchanged (a per-sample maximum of pixel counts would lower it), and gamma
+    counts views, normalised by the real (unpadded) views."""
+    r, n, side = 4, 4, 64
+    uv = np.zeros((1, n, side, side, 2), np.float32)
+    uv[..., :] = 0.3  # every pixel in texel (1, 1) ...
+    uv[:, :2, :, :2] = 0.9  # ... except 2 columns of views 0 and 1: texel (3, 3)
+    images = np.full((1, n, side, side, 3), 0.5, np.float32)
+    face = np.zeros((1, n, side, side), bool)
+    face[:, :, :4, :] = True  # texel (1, 1): 248 pixels of views 0, 1, 256 of view 2
+    view_mask = np.array([[True, True, True, False]])
+    base = _reproject(images, uv, face, view_mask, r)
+    gamma = np.asarray(base.gamma[0, ..., 0])
+    np.testing.assert_array_equal(np.asarray(base.n_views[0])[[1, 3], [1, 3]], [3, 2])
+    np.testing.assert_allclose(gamma[[1, 3], [1, 3]], np.log1p([3, 2]) / np.log1p(3), rtol=1e-6)
+    assert gamma.max() == 1.0  # every real view sees texel (1, 1); the padded one is ignored
+    flooded = face.copy()
+    flooded[:, 2] = True  # view 2 now puts 4092 pixels into texel (1, 1)
+    out = _reproject(images, uv, flooded, view_mask, r)
+    assert int(out.n_hit[0, 1, 1]) > 4000
+    np.testing.assert_array_equal(np.asarray(out.gamma), np.asarray(base.gamma))
+    none_real = _reproject(images, uv, face, np.zeros((1, n), bool), r)
+    assert float(jnp.abs(none_real.gamma).max()) == 0.0
 
 
 def test_gradients_flow_to_colours_only():
@@ -249,4 +274,8 @@ def test_head_views_reproduce_texture_and_cover_uv_mask(head_views):
     assert coverage >= 0.8, coverage
     assert (seen & ~uv_mask).sum() < 0.01 * seen.sum()  # pixels land on the layout
     assert n_hit.sum() == mask.sum()  # every face pixel of the 9 views lands somewhere
-    assert float(out.gamma.max()) == 1.0 and float(out.gamma[0][~seen].max()) == 0.0
+    n_views = np.asarray(out.n_views[0])
+    gamma = np.asarray(out.gamma[0, ..., 0])
+    print(f"views per seen texel: {np.bincount(n_views[seen])[1:]} (1..{n_views.max()})")
+    np.testing.assert_allclose(gamma, np.log1p(n_views) / np.log1p(n), rtol=1e-6)
+    assert gamma[~seen].max() == 0.0 and n_views.max() <= n

@@ -12,14 +12,22 @@ Per view (b, n):
 
 Over the sample b (all valid views together):
 
-    n_hit[b, t]    = sum_n hits[b, n, t]      the number of PIXELS (not views) in t
+    n_hit[b, t]    = sum_n hits[b, n, t]      the number of PIXELS in t
+    n_views[b, t]  = sum_n [hits[b, n, t] > 0]  the number of VIEWS that see t
     i_aggr[b, t]   = sum_n sum[b, n, t] / n_hit[b, t]   (0 where n_hit = 0)
-    gamma[b, t]    = log1p(n_hit[b, t]) / max_t' log1p(n_hit[b, t'])   in [0, 1]
+    gamma[b, t]    = log1p(n_views[b, t]) / log1p(sum_n view_mask[b, n])   in [0, 1]
 
 so I_aggr is the mean of every pixel that landed in the texel, over all views
 (a view that sees the texel at a grazing angle, with fewer pixels, weighs
-less), and gamma is the paper's confidence Norm(log(1 + n_hit)), normalised by
-its maximum over the sample (0 everywhere for a sample with no hit at all).
+less), and gamma is the paper's confidence Norm(log(1 + n)) with n counted in
+views and normalised by its bound, the number of real views (0 everywhere for a
+sample without a valid view): 1 where every real view sees the texel, 0 where
+none does. The paper does not define n or Norm precisely (assumed). Counting
+views rather than pixels keeps gamma independent of image resolution and of how
+many pixels squeeze into a texel, and the fixed normaliser makes each texel's
+gamma depend on that texel alone: a few outlier texels (saturated UVs piling
+thousands of pixels into border texels) cannot squash gamma elsewhere, as a
+per-sample maximum of pixel counts would.
 
 A pixel is valid when its view is valid (`view_mask`), it lies on the face
 (`face > threshold` for probabilities, the value itself for a bool mask) and
@@ -62,8 +70,9 @@ class Reprojection:
       i_uv: (B, N, R, R, 3) per-view mean colour of the pixels in each texel; 0 where none.
       hits: (B, N, R, R) int32, per-view number of valid pixels in each texel.
       i_aggr: (B, R, R, 3) mean colour over all valid views' pixels; 0 where n_hit = 0.
-      gamma: (B, R, R, 1) log1p(n_hit) normalised by its per-sample maximum, in [0, 1].
+      gamma: (B, R, R, 1) log1p(n_views) / log1p(number of real views), in [0, 1].
       n_hit: (B, R, R) int32, number of valid pixels (over all views) in each texel.
+      n_views: (B, R, R) int32, number of valid views with a pixel in each texel.
     """
 
     i_uv: jax.Array
@@ -71,6 +80,7 @@ class Reprojection:
     i_aggr: jax.Array
     gamma: jax.Array
     n_hit: jax.Array
+    n_views: jax.Array
 
 
 def _face_mask(face: jax.Array, shape: tuple[int, ...], threshold: float) -> jax.Array:
@@ -154,13 +164,15 @@ def reproject(
         return total * scale[..., None]
 
     n_hit = hits.sum(axis=1)
-    confidence = jnp.log1p(n_hit.astype(jnp.float32))
-    peak = confidence.max(axis=(1, 2), keepdims=True)
-    gamma = jnp.where(peak > 0, confidence / jnp.where(peak > 0, peak, 1.0), 0.0)
+    n_views = (hits > 0).sum(axis=1, dtype=jnp.int32)
+    n_real = view_mask.astype(jnp.int32).sum(axis=1)[:, None, None]
+    bound = jnp.log1p(jnp.maximum(n_real, 1).astype(jnp.float32))
+    gamma = jnp.log1p(n_views.astype(jnp.float32)) / bound  # n_views = 0 without real views
     return Reprojection(
         i_uv=mean(sums, hits),
         hits=hits,
         i_aggr=mean(sums.sum(axis=1), n_hit),
         gamma=gamma[..., None],
         n_hit=n_hit,
+        n_views=n_views,
     )
