@@ -13,14 +13,23 @@ Attributes, activations and ranges (v is the raw output of the attribute's layer
     w            1  sigmoid(v)  (only with colour fusion)       (0, 1)             0, logit(0.5)
     opacity      1  stored logit v; opacities() = sigmoid(v)    (0, 1)             0, logit(0.1)
     d_mu         3  (sigmoid(v) - 0.5) * max_offset_step        (-step/2, step/2)  0, 0
-    scale        3  stored log s = min(v, log max_scale);       (0, max_scale]     0, -5
-                    scales() = exp(log s)
+    scale        3  stored log s = log m - softplus(log m - v)  (0, max_scale)     0, b_s
+                    (m = max_scale); scales() = exp(log s)
     rotation     4  v / max(||v||, 1e-12), wxyz                 unit               0, (1, 0, 0, 0)
 
-Scale: LAM activates with exp and clamps to [0, 0.01] m; we clamp in log space,
-log s = min(v, log max_scale), so the stored value is exactly the log of the scale the
-rasterizer gets, and, as with LAM's clamp, a scale at the cap passes no gradient to v.
-max_scale = 0.01 m and the initial exp(-5) = 6.7e-3 m are LAM's (head units: metres).
+Scale: LAM activates with exp and clamps to [0, 0.01] m, which passes no gradient at
+the cap. We use a soft cap instead, s = max_scale * sigmoid(v - log max_scale), stored
+as its log, log s = log m - softplus(log m - v): the stored value is exactly the log of
+the scale the rasterizer gets, s < max_scale always, s ~ exp(v) well below the cap, and
+d log s / dv = sigmoid(log m - v) > 0 everywhere (1/2 at v = log m).
+The initial scale s0 is either `init_scale` (metres; LAM's exp(-5) = 6.7e-3 m by default)
+or, with `init_scale_in_spacings` set, that many times `anchor_spacing`, the mean
+distance from an anchor to its nearest neighbour (`mean_anchor_spacing`; filled in by
+`GaussianHeadConfig.from_config` from the anchors). LAM's 6.7 mm suits its 20K points,
+but the ~130K anchors of a 384 x 384 UV map lie about 1.1 mm apart, where 6.7 mm
+Gaussians overlap tens of neighbours and cost the rasterizer about 1.1M intersections
+per 512 x 512 view. The bias b_s inverts the soft cap, so the scale at init is s0
+exactly (s0 < max_scale is required). max_scale = 0.01 m is LAM's (head units: metres).
 d_mu: each component lies in (-max_offset_step / 2, max_offset_step / 2), so LAM's
 step 0.2 gives +-0.1 m; at init v = 0 and d_mu = 0 exactly. The fusion weight w (not
 in LAM; the paper gives no init) starts at `init_fusion_weight` = 0.5, an even mix where
@@ -54,9 +63,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.spatial
 from flax import nnx
 
 from uika_jax.models import vit_layers
@@ -114,27 +127,118 @@ class GaussianHeadConfig:
     """Ranges and inits of the Gaussian attributes (module docstring; defaults: LAM's).
 
     Attributes:
-      max_scale: upper bound of every scale (metres in head units).
-      init_log_scale: bias of the scale layer, the log of every scale at init.
+      max_scale: soft upper bound of every scale (metres in head units).
+      init_scale: every scale at init (metres), used when `init_scale_in_spacings` is None.
+      init_scale_in_spacings: every scale at init in units of `anchor_spacing`, or None.
+      anchor_spacing: mean nearest-neighbour distance of the anchors (metres), or None;
+        needed with `init_scale_in_spacings`.
       max_offset_step: d_mu components lie in (-max_offset_step / 2, max_offset_step / 2).
       init_opacity: opacity at init (bias logit(init_opacity)).
       init_fusion_weight: fusion weight w at init (bias logit(init_fusion_weight)).
     """
 
     max_scale: float = 0.01
-    init_log_scale: float = -5.0
+    init_scale: float = math.exp(-5.0)
+    init_scale_in_spacings: float | None = None
+    anchor_spacing: float | None = None
     max_offset_step: float = 0.2
     init_opacity: float = 0.1
     init_fusion_weight: float = 0.5
 
     def __post_init__(self):
-        if not self.max_scale > 0:
-            raise ValueError(f"max_scale must be > 0, got {self.max_scale}")
-        if not self.max_offset_step > 0:
-            raise ValueError(f"max_offset_step must be > 0, got {self.max_offset_step}")
+        for name in ("max_scale", "init_scale", "max_offset_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("init_scale_in_spacings", "anchor_spacing"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
+        if self.init_scale_in_spacings is not None and self.anchor_spacing is None:
+            raise ValueError(
+                "init_scale_in_spacings needs anchor_spacing (GaussianHeadConfig.from_config "
+                "with the anchor positions computes it)"
+            )
         for name in ("init_opacity", "init_fusion_weight"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not self.initial_scale < self.max_scale:
+            raise ValueError(
+                f"the initial scale {self.initial_scale:.4g} must be below max_scale "
+                f"{self.max_scale:.4g}"
+            )
+
+    @property
+    def initial_scale(self) -> float:
+        """Every scale at init (metres)."""
+        if self.init_scale_in_spacings is None:
+            return self.init_scale
+        return self.init_scale_in_spacings * self.anchor_spacing
+
+    @property
+    def init_log_scale(self) -> float:
+        """Log of every scale at init (the stored `log_scales` at init)."""
+        return math.log(self.initial_scale)
+
+    @property
+    def scale_bias(self) -> float:
+        """Bias of the scale layer: the v whose soft-capped log scale is `init_log_scale`."""
+        gap = math.log(self.max_scale) - self.init_log_scale  # > 0
+        return math.log(self.max_scale) - (gap + math.log(-math.expm1(-gap)))
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any] | None, anchor_positions: np.ndarray | None = None
+    ) -> GaussianHeadConfig:
+        """Builds the config from a mapping of field values (e.g. `config.model.gaussians`).
+
+        Args:
+          config: field names -> values (an `ml_collections.ConfigDict` works); missing
+            fields keep their defaults; None gives the defaults.
+          anchor_positions: (K, 3) template anchor positions; with `init_scale_in_spacings`
+            set and no `anchor_spacing` given, the spacing is `mean_anchor_spacing` of them.
+
+        Returns:
+          The config.
+
+        Raises:
+          ValueError: unknown field names, or `init_scale_in_spacings` without anchors.
+        """
+        values = dict(config or {})
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown Gaussian head config fields: {unknown}")
+        needs_spacing = values.get("init_scale_in_spacings") is not None
+        if needs_spacing and values.get("anchor_spacing") is None:
+            if anchor_positions is None:
+                raise ValueError("init_scale_in_spacings needs anchor_positions or anchor_spacing")
+            values["anchor_spacing"] = mean_anchor_spacing(anchor_positions)
+        return cls(**values)
+
+
+def mean_anchor_spacing(positions: np.ndarray) -> float:
+    """Mean distance from each anchor to its nearest other anchor (host-side, k-d tree).
+
+    Args:
+      positions: (K, 3) anchor positions, K >= 2.
+
+    Returns:
+      The mean nearest-neighbour distance (units of the positions).
+    """
+    positions = np.asarray(positions, np.float64)
+    if positions.ndim != 2 or positions.shape[1] != 3 or positions.shape[0] < 2:
+        raise ValueError(f"anchor positions must be (K >= 2, 3), got shape {positions.shape}")
+    distances, _ = scipy.spatial.cKDTree(positions).query(positions, k=2)
+    return float(np.mean(distances[:, 1]))
+
+
+def soft_cap_log_scale(v: jax.Array, max_scale: float) -> jax.Array:
+    """Log s with s = max_scale * sigmoid(v - log max_scale): a soft minimum of v and log m.
+
+    Written as log m - softplus(log m - v), stable for any v; its derivative
+    sigmoid(log m - v) lies in (0, 1), so the cap never stops the gradient.
+    """
+    log_max = math.log(max_scale)
+    return log_max - jax.nn.softplus(log_max - v)
 
 
 class AttributeLayer(nnx.Module):
@@ -208,7 +312,7 @@ class GaussianHead(nnx.Module):
         opacity_bias = (_logit(config.init_opacity),)
         self.opacity = AttributeLayer(din, opacity_bias, zero_kernel=True, **kw)
         self.offset = AttributeLayer(din, (0.0,) * 3, zero_kernel=True, **kw)
-        scale_bias = (config.init_log_scale,) * 3
+        scale_bias = (config.scale_bias,) * 3
         self.scale = AttributeLayer(din, scale_bias, zero_kernel=True, **kw)
         self.rotation = AttributeLayer(din, (1.0, 0.0, 0.0, 0.0), zero_kernel=True, **kw)
 
@@ -249,7 +353,7 @@ class GaussianHead(nnx.Module):
             )
         offsets = (jax.nn.sigmoid(self.offset(features)) - 0.5) * c.max_offset_step
         means = jnp.asarray(anchor_positions, jnp.float32) + offsets
-        log_scales = jnp.minimum(self.scale(features), math.log(c.max_scale))
+        log_scales = soft_cap_log_scale(self.scale(features), c.max_scale)
         q = self.rotation(features)
         quats = q / jnp.maximum(_safe_norm(q)[..., None], 1e-12)
         return CanonicalGaussians(
