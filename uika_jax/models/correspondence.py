@@ -101,7 +101,7 @@ class CorrespondenceEstimator(nnx.Module):
           train_backbone: make the ViT weights `nnx.Param` (trainable) instead of
             `FrozenParam` + stop_gradient.
           dtype: computation dtype of the ViT and the DPT (weights stay float32;
-            the outputs are float32).
+            the DPT's last conv, hence UV and face logits, computes in float32).
           rngs: initialisation keys.
         """
         d = vit_config.hidden_size
@@ -178,7 +178,9 @@ class CorrespondenceEstimator(nnx.Module):
         lead, (h, w) = images.shape[:-3], images.shape[-3:-1]
         features, cls = backbone.taps(self.layers)
         readout = None if self.dpt.config.readout == "ignore" else cls
-        logits = self.dpt(features, readout, output_size=(h, w)).astype(jnp.float32)
+        # The last conv runs in float32 whatever the compute dtype: bfloat16 logits would
+        # quantise UV (up to 0.31 texel at a 384 map).
+        logits = self.dpt(features, readout, output_size=(h, w), out_dtype=jnp.float32)
         logits = logits.reshape(*lead, h, w, OUT_CHANNELS)
         face_logit = logits[..., 2:3]
         return CorrespondenceOutput(

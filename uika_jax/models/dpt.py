@@ -463,12 +463,21 @@ class DPTHead(nnx.Module):
         self.conv2 = Conv2d(features // 2, head_channels, 3, **kw)
         self.conv3 = Conv2d(head_channels, out_channels, 1, **kw)
 
-    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        """(B, H, W, F) -> (B, height, width, out_channels); size defaults to (2H, 2W)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        size: tuple[int, int] | None = None,
+        *,
+        out_dtype: jnp.dtype | None = None,
+    ) -> jax.Array:
+        """(B, H, W, F) -> (B, height, width, out_channels); size defaults to (2H, 2W).
+
+        `out_dtype`: dtype of the last 1x1 conv's computation and output (None: x's dtype).
+        """
         x = self.conv1(x)
         size = (2 * x.shape[1], 2 * x.shape[2]) if size is None else size
-        x = resize_bilinear(x, size, align_corners=True)
-        return self.conv3(jax.nn.relu(self.conv2(x)))
+        x = jax.nn.relu(self.conv2(resize_bilinear(x, size, align_corners=True)))
+        return self.conv3(x if out_dtype is None else x.astype(out_dtype))
 
 
 class DPT(nnx.Module):
@@ -487,6 +496,7 @@ class DPT(nnx.Module):
         cls_tokens: Sequence[jax.Array] | None = None,
         *,
         output_size: tuple[int, int] | None = None,
+        out_dtype: jnp.dtype | None = None,
     ) -> jax.Array:
         """Runs neck and head.
 
@@ -495,8 +505,10 @@ class DPT(nnx.Module):
           cls_tokens: the matching (B, D) cls tokens (unless readout is "ignore").
           output_size: (H, W) of the prediction, usually the input image size;
             default twice the neck output.
+          out_dtype: dtype of the head's last 1x1 conv and of the output (None: the
+            features' dtype); float32 keeps bfloat16 rounding out of the outputs.
 
         Returns:
           (B, H, W, out_channels) raw outputs (no activation).
         """
-        return self.head(self.neck(features, cls_tokens)[-1], output_size)
+        return self.head(self.neck(features, cls_tokens)[-1], output_size, out_dtype=out_dtype)
