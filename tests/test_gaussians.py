@@ -15,6 +15,8 @@ from uika_jax.models.gaussians import (
     mean_anchor_spacing,
     soft_cap_log_scale,
 )
+from uika_jax.render.camera import focal_from_fov, intrinsics, look_at
+from uika_jax.render.capacity import scene_counts
 
 MAX_SCALE = 0.01
 
@@ -96,3 +98,43 @@ def test_from_config_fields_and_errors():
         GaussianHeadConfig(max_scale=0.005)  # LAM's 6.7 mm init above a 5 mm cap
     with pytest.raises(ValueError, match="anchor_spacing"):
         GaussianHeadConfig(init_scale_in_spacings=0.5)
+
+
+def test_largest_head_scales_bound_the_rasterizer_intersections():
+    """Saturated scale and opacity layers give at most the intersections of Gaussians at
+    exactly max_scale and opacity 1, so a capacity calibrated there never overflows.
+
+    600 anchors on a 10 cm sphere (about 14 mm apart) seen from 45 cm at 512 x 512: the
+    stated bound (measured 58,947 at 10 mm, 10^5 allowed) grows with the anchor count and
+    the framing (the built-in head's 88,464 anchors at 384: 5.1M a 512 x 512 view).
+    """
+    num = 600
+    golden = np.pi * (3.0 - np.sqrt(5.0))
+    y = 1.0 - 2.0 * (np.arange(num) + 0.5) / num
+    ring = np.sqrt(1.0 - y**2)
+    sphere = np.stack(
+        [ring * np.cos(golden * np.arange(num)), y, ring * np.sin(golden * np.arange(num))], -1
+    )
+    positions = 0.1 * sphere.astype(np.float32)
+    config = GaussianHeadConfig()
+    head = GaussianHead(4, config, color_fusion=False, rngs=nnx.Rngs(0))
+    head.scale.bias[...] = jnp.full((3,), 30.0)
+    head.opacity.bias[...] = jnp.full((1,), 30.0)
+    g = head(jnp.zeros((1, num, 4)), positions)
+    # Two scenes in one count: the head's output, and max_scale with opacity 1.
+    scales = jnp.stack([g.scales()[0], jnp.full((num, 3), config.max_scale)])
+    opacities = jnp.stack([g.opacities()[0], jnp.ones((num,))])
+    viewmat = jnp.asarray(look_at(np.array([0.0, 0.0, 0.45]), np.zeros(3)), jnp.float32)
+    K = jnp.asarray(intrinsics(focal_from_fov(30.0, 512), 512, 512), jnp.float32)
+    (head_total, cap_total), _ = scene_counts(
+        jnp.broadcast_to(g.means, (2, num, 3)),
+        jnp.broadcast_to(g.quats, (2, num, 4)),
+        scales,
+        opacities,
+        jnp.broadcast_to(viewmat, (2, 1, 4, 4)),
+        jnp.broadcast_to(K, (2, 1, 3, 3)),
+        width=512,
+        height=512,
+    )
+    assert int(head_total) <= int(cap_total) < 100_000
+    assert int(head_total) > 0.95 * int(cap_total)
