@@ -29,10 +29,8 @@ each quarter, e.g. 3, 6, 9, 12), each through the shared final LayerNorm(eps 1e-
 DINO's `get_intermediate_layers(norm=True)` does, for the DPT-style UV decoder.
 
 Blocks run in a `nnx.scan` over stacked weights (logical axis "layers") by default, which
-compiles one block for all depths; the scan emits nothing per step: the tapped depths'
-Z are written into a carried buffer with one slot per tap, so memory holds those copies
-of Z, not one per block. `scan=False` is a Python loop over separate blocks (a different
-weight layout).
+compiles one block for all depths; the tapped depths come out of the scan's per-step
+outputs. `scan=False` is a Python loop over separate blocks (a different weight layout).
 `remat` wraps each block in `nnx.remat` with a policy from `REMAT_POLICIES`. Residual
 streams are float32; `dtype` is the compute dtype of the projections and the attention.
 The architecture is a `UVTransformerConfig`.
@@ -287,46 +285,25 @@ class UVTransformer(nnx.Module):
         z = jnp.broadcast_to(self.tokens[...], (b, *self.tokens.shape)).astype(jnp.float32)
         carry, masks = (z, xs, xuv), (m_s, m_uv)
         apply = self._block_fn()
-        kept: dict[int, jax.Array] = {}  # tapped depth -> Z after that block
+        outs: list[jax.Array] = []
         if self.blocks is not None and self.config.scan:
-            carry, kept = self._scan_blocks(apply, carry, masks)
+
+            @nnx.scan(
+                in_axes=(0, nnx.Carry),
+                out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            def run(block: DualBranchBlock, c):
+                c = apply(block, c, masks)
+                return c, c[0]
+
+            carry, zs = run(self.blocks, carry)
+            outs = [zs[i] for i in range(self.n_body)]
         elif self.blocks is not None:
-            for depth, block in enumerate(self.blocks, start=1):
+            for block in self.blocks:
                 carry = apply(block, carry, masks)
-                if depth in self.taps:
-                    kept[depth] = carry[0]
+                outs.append(carry[0])
         if self.last is not None:
             carry = apply(self.last, carry, masks)
-            kept[self.config.depth] = carry[0]
-        return [self.norm(kept[t]) for t in self.taps]
-
-    def _scan_blocks(
-        self, apply: Callable[..., tuple], carry: tuple, masks: tuple
-    ) -> tuple[tuple, dict[int, jax.Array]]:
-        """Runs the stacked blocks in one `nnx.scan`, keeping Z only at the tapped depths.
-
-        Returns:
-          (carry after the last stacked block, {tapped depth: Z after that block}).
-        """
-        taps = [t for t in self.taps if t <= self.n_body]
-        slot_of_depth = {t: i for i, t in enumerate(taps)}
-        # Per stacked block: its slot in the buffer, or -1 when its depth is not tapped.
-        slots = jnp.array([slot_of_depth.get(d, -1) for d in range(1, self.n_body + 1)])
-        buffer = jnp.zeros((len(taps), *carry[0].shape), carry[0].dtype)
-
-        @nnx.scan(
-            in_axes=(0, 0, nnx.Carry),
-            out_axes=nnx.Carry,
-            transform_metadata={nnx.PARTITION_NAME: "layers"},
-        )
-        def run(block: DualBranchBlock, slot: jax.Array, state: tuple) -> tuple:
-            c, kept = apply(block, state[0], masks), state[1]
-            if taps:
-                index = jnp.maximum(slot, 0)
-                old = jax.lax.dynamic_index_in_dim(kept, index, keepdims=False)
-                new = jnp.where(slot >= 0, c[0], old)
-                kept = jax.lax.dynamic_update_index_in_dim(kept, new, index, 0)
-            return c, kept
-
-        carry, buffer = run(self.blocks, slots, (carry, buffer))
-        return carry, {t: buffer[i] for i, t in enumerate(taps)}
+            outs.append(carry[0])
+        return [self.norm(outs[t - 1]) for t in self.taps]
