@@ -250,15 +250,25 @@ def index_from_json(data: object, origin: str) -> DatasetIndex:
     )
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path, error: type[Exception] = DatasetFormatError) -> object:
+    """Parses a JSON file from outside (an index, a manifest, an export), its size capped.
+
+    Args:
+      path: the file.
+      error: the exception type raised (its message names the file).
+
+    Raises:
+      `error`: if it is not a file, is larger than `MAX_INDEX_BYTES`, or is not
+        readable, valid JSON.
+    """
     if not path.is_file():
-        raise DatasetFormatError(f"{path}: not a file")
+        raise error(f"{path}: not a file")
     if path.stat().st_size > MAX_INDEX_BYTES:
-        raise DatasetFormatError(f"{path}: larger than {MAX_INDEX_BYTES:,} bytes")
+        raise error(f"{path}: larger than {MAX_INDEX_BYTES:,} bytes")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise DatasetFormatError(f"{path}: not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from None
 
 
 def part_index_name(part: int, num_parts: int) -> str:
@@ -307,7 +317,7 @@ def load_index(root: str | Path) -> DatasetIndex:
         raise FileNotFoundError(f"{root}: dataset folder not found")
     main = root / INDEX_FILE
     if main.exists():
-        return index_from_json(_read_json(main), str(main))
+        return index_from_json(read_json(main), str(main))
     paths = sorted(root.glob(PART_INDEX_GLOB))
     if not paths:
         raise FileNotFoundError(f"{root}: no {INDEX_FILE} and no part indexes ({PART_INDEX_GLOB})")
@@ -328,7 +338,7 @@ def load_index(root: str | Path) -> DatasetIndex:
             f"{root}: parts {missing[:20]} of {total} have no index yet (still being written, "
             "or failed: rerun those parts)"
         )
-    return merge_indexes([(str(p), index_from_json(_read_json(p), str(p))) for p in paths])
+    return merge_indexes([(str(p), index_from_json(read_json(p), str(p))) for p in paths])
 
 
 def write_index(root: str | Path, index: DatasetIndex, name: str = INDEX_FILE) -> Path:

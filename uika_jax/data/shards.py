@@ -40,9 +40,9 @@ from uika_jax.data.checks import iter_frames
 from uika_jax.data.format import (
     DatasetFormatError,
     DatasetIndex,
-    _read_json,
     check_id,
     index_from_json,
+    read_json,
 )
 from uika_jax.data.reader import FrameRef, SequenceParams, read_sequence
 from uika_jax.data.shard_records import (
@@ -162,7 +162,7 @@ class ShardManifest:
 
 def read_manifest(path: str | Path) -> ShardManifest:
     """Reads and validates a manifest file (`shards.json`)."""
-    return ShardManifest.from_json(_read_json(Path(path)), str(path))
+    return ShardManifest.from_json(read_json(Path(path)), str(path))
 
 
 def _write_manifest(path: Path, manifest: ShardManifest) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -40,7 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from uika_jax.data.format import DatasetFormatError, HeadModelInfo, check_id
+from uika_jax.data.format import DatasetFormatError, HeadModelInfo, check_id, read_json
 from uika_jax.data.reader import camera_problem
 from uika_jax.safe_files import read_npz
 
@@ -155,10 +154,7 @@ def _c2w(value: object, origin: str) -> np.ndarray:
 
 
 def _read_transforms(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise VhapExportError(f"{path}: not readable JSON: {e}") from None
+    data = read_json(path, VhapExportError)
     if not isinstance(data, dict) or not isinstance(data.get("frames"), list):
         raise VhapExportError(f"{path}: expected an object with a 'frames' list")
     return data

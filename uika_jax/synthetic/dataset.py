@@ -23,7 +23,6 @@ A rerun skips the sequences already complete (`uika_jax.data.writer`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,11 +33,13 @@ from tqdm import tqdm
 
 from uika_jax.data.format import (
     INDEX_FILE,
+    PART_INDEX_GLOB,
     DatasetIndex,
     HeadModelInfo,
     SequenceEntry,
     SubjectEntry,
     part_index_name,
+    read_json,
     write_index,
 )
 from uika_jax.data.writer import SequenceParams, finish_sequence, sequence_complete, write_frame
@@ -347,11 +348,11 @@ def generate(
 
 def _refuse_other_config(root: Path, config: SynthConfig) -> None:
     """Refuses to mix two configurations in one folder (a rerun must use the same one)."""
-    for path in [root / INDEX_FILE, *root.glob("dataset.part-*-of-*.json")]:
+    for path in [root / INDEX_FILE, *root.glob(PART_INDEX_GLOB)]:
         if not path.is_file():
             continue
         try:
-            stored = json.loads(path.read_text())["provenance"]["config"]
+            stored = read_json(path)["provenance"]["config"]
         except (ValueError, KeyError, TypeError):
             raise FileExistsError(f"{path}: not a synthetic dataset index") from None
         if stored != dataclasses.asdict(config):
