@@ -28,6 +28,7 @@ from PIL import Image
 from uika_jax.data.checks import iter_frames
 from uika_jax.data.format import load_index
 from uika_jax.data.reader import read_image, read_mask, read_sequence
+from uika_jax.head.rotations import axis_angle_to_matrix
 
 
 def face_yaw_deg(viewmat: np.ndarray, pose: np.ndarray) -> float:
@@ -37,19 +38,10 @@ def face_yaw_deg(viewmat: np.ndarray, pose: np.ndarray) -> float:
     rotations, in camera space (OpenCV: the camera looks along +z, so a face
     looking into the camera points along -z); yaw about the camera's vertical axis.
     """
-    forward = _rotation(pose[0]) @ _rotation(pose[1]) @ np.array([0.0, 0.0, 1.0])
+    rotations = np.asarray(axis_angle_to_matrix(pose[:2]), np.float64)
+    forward = rotations[0] @ rotations[1] @ np.array([0.0, 0.0, 1.0])
     x, _, z = viewmat[:3, :3] @ forward
     return math.degrees(math.atan2(x, -z))
-
-
-def _rotation(axis_angle: np.ndarray) -> np.ndarray:
-    """Rodrigues' formula."""
-    angle = float(np.linalg.norm(axis_angle))
-    if angle < 1e-12:
-        return np.eye(3)
-    k = axis_angle / angle
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
 
 
 def measure(root: str, upsample: int, max_yaw: float) -> None:
