@@ -22,15 +22,18 @@ Files the user supplies (never shipped, never fetched at run time):
 
 The argument selects one of the paper's ablations (Table 4): `no_uv_attention`
 ("w/o uv_attn"), `no_aggregation` ("w/o aggr": the decoder never sees I_aggr and gamma,
-so colours are predicted only) and `no_color_fusion` (I_aggr and gamma still feed the
-decoder, c = c_hat).
+so colours are predicted only), `no_color_fusion` (I_aggr and gamma still feed the
+decoder, c = c_hat) and `no_synthetic_data` ("w/o synth": trains on `data.real_paths`
+only).
+
+Train: python train.py --config=configs/default.py --workdir=runs/uika
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-ABLATIONS = ("no_uv_attention", "no_aggregation", "no_color_fusion")
+ABLATIONS = ("no_uv_attention", "no_aggregation", "no_color_fusion", "no_synthetic_data")
 
 
 def apply_ablation(config: ml_collections.ConfigDict, arg: str | None) -> None:
@@ -43,7 +46,10 @@ def apply_ablation(config: ml_collections.ConfigDict, arg: str | None) -> None:
         return
     if arg not in ABLATIONS:
         raise ValueError(f"unknown config argument {arg!r}; known: {ABLATIONS}")
-    setattr(config.model, arg.removeprefix("no_"), False)
+    if arg == "no_synthetic_data":
+        config.data.synthetic_weight = 0.0
+    else:
+        setattr(config.model, arg.removeprefix("no_"), False)
     config.name = f"{config.name}:{arg}"
 
 
@@ -102,8 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.remat = "dots_with_no_batch_dims_saveable"
     t.scan = True
     t.attention = ml_collections.ConfigDict()
-    # Portable exact flash-style attention; "splash" on TPU, "cudnn" on NVIDIA GPUs.
-    t.attention.backend = "chunked"
+    # "auto": cuDNN on NVIDIA GPUs in bf16/fp16, splash on TPU, the portable chunked
+    # scan elsewhere (uika_jax.models.attention.resolve_backend).
+    t.attention.backend = "auto"
     t.attention.chunk_size = 1024
 
     d = m.decoder = ml_collections.ConfigDict()
@@ -114,6 +121,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.channels = 256
     d.mlp_hidden = 256  # assumed
     d.mlp_layers = 2  # assumed
+
+    # Gaussian attributes (uika_jax.models.gaussians.GaussianHeadConfig). LAM's defaults
+    # (initial scale exp(-5) = 6.7 mm, cap 10 mm) suit its 20K points; anchors here are
+    # ~1.1 mm apart at 384, so the initial scale is one anchor spacing and the soft cap
+    # 3 mm (both assumed: the paper gives neither).
+    g = m.gaussians = ml_collections.ConfigDict()
+    g.max_scale = 0.003  # assumed
+    g.init_scale_in_spacings = 1.0  # assumed
+    g.anchor_spacing = ml_collections.FieldReference(None, field_type=float)  # None: measured
+    g.max_offset_step = 0.2
+    g.init_opacity = 0.1
+    g.init_fusion_weight = 0.5
 
     h = config.head = ml_collections.ConfigDict()
     h.model_path = "assets/flame/flame2023.pkl"  # None: the built-in synthetic head
@@ -126,6 +145,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     r = config.render = ml_collections.ConfigDict()
     r.background = (1.0, 1.0, 1.0)  # assumed
+    r.backend = "auto"  # uika_jax.render.RasterConfig.backend
+    # Intersection slots per rendered frame; None: calibrated at the start of training
+    # for the largest Gaussians the head can produce (every scale at max_scale, opaque,
+    # on the template anchors, through the first batch's cameras) with `capacity_headroom`.
+    r.capacity = ml_collections.FieldReference(None, field_type=int)
+    r.tile_cap = ml_collections.FieldReference(None, field_type=int)
+    r.capacity_headroom = 1.5
 
     loss = config.loss = ml_collections.ConfigDict()
     loss.l1 = 1.0
@@ -135,8 +161,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.reg_eps = 0.0
 
     o = config.optim = ml_collections.ConfigDict()
-    o.steps = 150_000
-    o.batch_size = 32  # assumed: one sample per GPU of the paper's 32
+    o.steps = 150_000  # the avatar stage's steps
+    o.batch_size = 32  # assumed: global batch (the paper gives none)
+    # Gradient accumulation: each step's batch is split into this many micro-batches run
+    # one after another (one update a step), so a device holds batch_size / (devices
+    # along the batch axes * micro_batches) samples at a time. At paper scale one sample
+    # of the train step needs tens of GiB (README's memory table): 32 samples on 8 devices
+    # of 80 GB as 4 micro-batches of one sample each.
+    o.micro_batches = 4
     o.peak_lr = 1e-4  # assumed
     o.warmup_steps = 3_000  # assumed
     o.final_lr_fraction = 0.0  # assumed
@@ -144,6 +176,52 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.b2 = 0.999  # assumed (Adam defaults)
     o.grad_clip = 1.0  # assumed
     o.weight_decay = 0.0  # Adam, as the paper; > 0: AdamW on kernels only
+
+    # Stage 1 (assumed: the paper does not say how its estimator was trained): the
+    # correspondence estimator alone on ground-truth UV maps and masks, before the avatar
+    # stage, which then keeps it frozen. Same keys as `optim`; steps 0 skips the stage.
+    e1 = config.estimator_optim = ml_collections.ConfigDict(o.to_dict())
+    del e1["batch_size"]  # one data pipeline: both stages take optim.batch_size samples
+    e1.steps = 10_000  # assumed
+    e1.warmup_steps = 500  # assumed
+
+    tr = config.train = ml_collections.ConfigDict()
+    tr.seed = 0
+    # Teacher forcing: the avatar stage reprojects the ground-truth UV maps and head masks
+    # instead of the estimator's (False: the estimator's, as at test time).
+    tr.teacher_forcing = False
+    # Randomly coloured backgrounds behind the targets and the renders (False: the
+    # fixed `render.background`).
+    tr.random_background = False  # assumed
+    tr.log_every = 100
+    tr.checkpoint_every = 2_000
+    tr.keep_checkpoints = 3
+    tr.image_grid_every = 2_000
+
+    ev = config.eval = ml_collections.ConfigDict()
+    # Periodic evaluation on a fixed set of validation identities (train.py); the test
+    # split is for evaluate.py.
+    ev.every = 5_000
+    ev.identities = 16  # the first this many validation identities (by subject id)
+    ev.batch_size = 4
+    ev.seed = 0  # which frames of each identity are sources and targets
+    ev.lpips = True
+
+    dt = config.data = ml_collections.ConfigDict()
+    # The synthetic dataset (`uika synth`), generated there by train.py when missing.
+    dt.synthetic_path = "data/synthetic"
+    dt.synthetic_weight = 1.0  # 0: no synthetic data ("no_synthetic_data")
+    dt.synthetic = ml_collections.ConfigDict(
+        dict(identities=2_000, views=9, sequences=2, frames=16, size=512, seed=0)  # assumed
+    )
+    # Real datasets (folders of the format, or `uika pack` shard sets) and their weights.
+    dt.real_paths = ()
+    dt.real_weights = ()
+    dt.buckets = (1, 4, 16)  # padded source view counts (the last is model.num_views)
+    dt.monocular_probability = 0.5  # assumed
+    dt.augment = True
+    dt.workers = 0
+    dt.read_threads = 8
 
     s = config.sharding = ml_collections.ConfigDict()
     s.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1: every remaining device

@@ -36,6 +36,36 @@ most of a test program's compile time is code generation for its many small kern
 """
 
 
+def small_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """configs/tiny.py[:arg] shrunk further for the network tests (seconds to compile).
+
+    32 x 32 images, 3 views, a 16 x 16 UV map (156 anchors on the built-in head), widths
+    of 8 to 32, and LAM's Gaussian ranges (cap 10 mm, initial scale exp(-5)).
+    """
+    config = load_config(f"{ROOT / 'configs/tiny.py'}" + (f":{arg}" if arg else ""))
+    m = config.model
+    m.image_size, m.num_views, m.num_drive = 32, 3, 2
+    m.vit.overrides = ml_collections.ConfigDict(
+        dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=8)
+    )
+    c = m.correspondence
+    c.neck_channels, c.features, c.head_channels = (8, 16, 32, 32), 16, 8
+    m.encoder.dim, m.encoder.uv_size = 32, 16
+    t = m.transformer
+    t.dim, t.num_heads, t.depth, t.token_side = 32, 2, 4, 4
+    d = m.decoder
+    d.neck_channels, d.features, d.map_size, d.channels, d.mlp_hidden = (
+        (8, 16, 24, 32),
+        16,
+        16,
+        16,
+        16,
+    )
+    m.gaussians.max_scale, m.gaussians.init_scale_in_spacings = 0.01, None
+    config.data.buckets = (3,)
+    return config
+
+
 @functools.cache
 def abstract_uika(spec: str) -> tuple[ml_collections.ConfigDict, UIKA]:
     """The config of `spec` (a path under the repository root, `:ablation` allowed) and its

@@ -1,4 +1,4 @@
-"""The assembled model (configs/tiny.py) end to end: reconstruct -> drive -> render.
+"""The assembled model (configs/tiny.py shrunk: `small_config`): reconstruct, drive, render.
 
 Renders of the built-in synthetic head are the input; weights are NumPy noise (every
 weight nonzero, including the zero-initialised Gaussian attribute kernels, which at
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from network_fixtures import FAST_COMPILE, noise_filled
+from network_fixtures import FAST_COMPILE, noise_filled, small_config
 
 from uika_jax.config import load_config
 from uika_jax.head.anchors import anchor_attributes
@@ -26,9 +26,10 @@ from uika_jax.models.avatar import UIKA, build_head, drive, render
 from uika_jax.models.correspondence import correspondence_loss
 from uika_jax.models.frozen import FrozenParam
 from uika_jax.models.gaussians import CanonicalGaussians, offset_regularizer
+from uika_jax.models.summary import abstract_model
 
-CONFIG = load_config("configs/tiny.py")
-FROZEN = load_config("configs/tiny.py")
+CONFIG = small_config()
+FROZEN = small_config()
 FROZEN.model.vit.train = False
 """The reference model's config: configs/tiny.py with a frozen ViT (FrozenParam weights)."""
 S = CONFIG.model.image_size
@@ -44,7 +45,7 @@ def _head():
 
 def _model(config=CONFIG, seed=0) -> UIKA:
     """Built abstractly and filled with NumPy noise (fan-in scaled; norms and scales ~1)."""
-    model = noise_filled(nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0))), seed)
+    model = noise_filled(abstract_model(config), seed)
     head = model.decoder.head
     head.scale.bias[...] += model.decoder.config.head.init_log_scale
     head.rotation.bias[...] += jnp.array([1.0, 0.0, 0.0, 0.0])
@@ -202,7 +203,7 @@ def test_shared_backbone_pass_equals_separate_backbones():
     assert model.encoder.vit is model.correspondence.vit
     config = FROZEN.copy_and_resolve_references()
     config.model.share_backbone = False
-    separate = nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0)))
+    separate = abstract_model(config)
     assert separate.encoder.vit is not separate.correspondence.vit
     weights = nnx.to_pure_dict(nnx.state(model))
     weights["encoder"]["vit"] = weights["correspondence"]["vit"]
@@ -323,8 +324,8 @@ def test_drive_semantics():
 
 @pytest.mark.parametrize("ablation", ["no_uv_attention", "no_aggregation", "no_color_fusion"])
 def test_ablations_build_and_trace(ablation):
-    config = load_config(f"configs/tiny.py:{ablation}")
-    model = nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0)))
+    config = small_config(ablation)
+    model = abstract_model(config)
     graphdef, state = nnx.split(model)
     _, anchors = _head()
     images = jax.ShapeDtypeStruct((B, N, S, S, 3), jnp.float32)
@@ -373,7 +374,7 @@ def test_default_config_anchors_fit_either_head():
 
 def test_separate_backbones_without_uv_attention_run():
     """share_backbone = False and the "w/o uv_attn" ablation, concretely."""
-    config = load_config("configs/tiny.py:no_uv_attention")
+    config = small_config("no_uv_attention")
     config.model.share_backbone = False
     model = _model(config, seed=4)
     assert model.encoder.vit is not model.correspondence.vit
@@ -406,7 +407,7 @@ def test_load_backbone_fills_every_vit(tmp_path):
     c = hf.config
     reference = jax.tree.leaves(nnx.state(load_hf_vit(tmp_path), FrozenParam))
     for share in (True, False):
-        config = load_config("configs/tiny.py")
+        config = small_config()
         config.model.vit.overrides = dict(
             hidden_size=c.hidden_size,
             num_heads=c.num_attention_heads,

@@ -2,6 +2,7 @@
 L1, the offset regulariser's gradient against finite differences, the stage-1 loss's
 view mask, LPIPS VGG, and `total_loss`'s weighting."""
 
+import dataclasses
 import time
 
 import jax
@@ -215,7 +216,8 @@ def test_total_loss_weights_its_terms_and_runs_under_jit(lpips_vgg):
     loss, terms = step_loss(pred, batch, params)
     bg = pred.background
     gt = losses.composite(batch["target_image"], batch["target_mask"], bg)
-    out = losses.composite(pred.images, batch["target_mask"], bg)
+    out = pred.images  # the render as it is: floaters outside the mask count
+    np.testing.assert_allclose(terms["l1"], np.mean(np.abs(out - gt)), rtol=1e-5)
     np.testing.assert_allclose(terms["ssim"], np.mean(losses.ssim(out, gt)), rtol=1e-5)
     lpips_reference = jax.jit(apply_fn)(params, out.reshape(2, 32, 32, 3), gt.reshape(2, 32, 32, 3))
     np.testing.assert_allclose(terms["lpips"], np.mean(lpips_reference), rtol=1e-4)
@@ -224,6 +226,22 @@ def test_total_loss_weights_its_terms_and_runs_under_jit(lpips_vgg):
     expected = terms["l1"] + 0.1 * (1 - terms["ssim"]) + terms["lpips"] + 0.1 * terms["reg"]
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     np.testing.assert_allclose(terms["loss"], loss)
+
+
+def test_total_loss_sees_floaters_outside_the_target_mask():
+    pred, batch = _avatar_case()
+    no_lpips = dict(WEIGHTS, lpips=0.0)
+    outside = np.asarray(batch["target_mask"]) < 0.5
+    assert outside.any()
+    floater = np.where(outside[..., None], 0.0, np.asarray(pred.images))  # dark where bg is 1
+    clean = np.where(outside[..., None], 1.0, np.asarray(pred.images))
+    loss_clean, _ = losses.total_loss(
+        dataclasses.replace(pred, images=jnp.asarray(clean)), batch, no_lpips
+    )
+    loss_floater, _ = losses.total_loss(
+        dataclasses.replace(pred, images=jnp.asarray(floater)), batch, no_lpips
+    )
+    assert float(loss_floater) > float(loss_clean) + 0.1
 
 
 def test_total_loss_with_lpips_weight_zero_never_runs_the_network():

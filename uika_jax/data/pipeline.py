@@ -246,7 +246,10 @@ class SampleReader:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         """The sample of element `index`: the module docstring's layout without B, uint8 images."""
-        plan = self.plan(index)
+        return self.assemble(self.plan(index))
+
+    def assemble(self, plan: SamplePlan) -> dict[str, np.ndarray]:
+        """The sample of a plan: reads its frames (module docstring's layout without B)."""
         sources = self._read(plan.dataset, plan.sources)
         targets = self._read(plan.dataset, plan.targets)
         count = len(sources)

@@ -202,6 +202,7 @@ def draw_frames(
     num_sources: int,
     num_targets: int,
     monocular: bool,
+    identity: int | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Chooses an identity, one of its sequences, and that sequence's sources and targets.
 
@@ -211,12 +212,16 @@ def draw_frames(
       num_sources: source views wanted (fewer if the sequence is short: module docstring).
       num_targets: target frames (always exactly this many).
       monocular: sources from one camera (else round-robin over the cameras).
+      identity: this identity (an index into the catalogue) instead of a random one.
 
     Returns:
       (identity index into the catalogue, source records (n,), target records
       (num_targets,)), sources and targets disjoint.
     """
-    identity = int(rng.integers(catalogue.num_identities))
+    if identity is None:
+        identity = int(rng.integers(catalogue.num_identities))
+    elif not 0 <= identity < catalogue.num_identities:
+        raise ValueError(f"identity {identity} not in [0, {catalogue.num_identities})")
     first, last = catalogue.identity_starts[identity : identity + 2]
     sequence = int(rng.integers(first, last))
     start, stop = catalogue.sequence_starts[sequence : sequence + 2]

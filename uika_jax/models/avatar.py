@@ -69,7 +69,7 @@ from uika_jax.models.correspondence import (
 from uika_jax.models.decoder import UVDecoder, UVDecoderConfig
 from uika_jax.models.dpt import DPTConfig
 from uika_jax.models.fusion import DualEncoder, FusionConfig
-from uika_jax.models.gaussians import CanonicalGaussians
+from uika_jax.models.gaussians import CanonicalGaussians, GaussianHeadConfig
 from uika_jax.models.reproject import Reprojection, reproject
 from uika_jax.models.transformer import UVTransformer, UVTransformerConfig
 from uika_jax.models.vit import ViTConfig
@@ -116,8 +116,33 @@ def _tuple(x: object) -> tuple | None:
     return None if x is None else tuple(x)
 
 
-def avatar_config(model: ml_collections.ConfigDict) -> AvatarConfig:
-    """Builds the `AvatarConfig` from a config's `model` section (see configs/default.py)."""
+def _gaussian_head_config(
+    model: ml_collections.ConfigDict, anchor_spacing: float | None
+) -> GaussianHeadConfig:
+    values = dict(model.get("gaussians") or {})
+    if values.get("init_scale_in_spacings") is not None and values.get("anchor_spacing") is None:
+        if anchor_spacing is None:
+            raise ValueError(
+                "model.gaussians.init_scale_in_spacings sets the initial Gaussian scale from "
+                "the anchor spacing: build the model with UIKA.from_config(config, "
+                "anchor_spacing=mean_anchor_spacing(anchors.positions)) or set "
+                "model.gaussians.anchor_spacing"
+            )
+        values["anchor_spacing"] = float(anchor_spacing)
+    return GaussianHeadConfig.from_config(values)
+
+
+def avatar_config(
+    model: ml_collections.ConfigDict, anchor_spacing: float | None = None
+) -> AvatarConfig:
+    """Builds the `AvatarConfig` from a config's `model` section (see configs/default.py).
+
+    Args:
+      model: the config's `model` block.
+      anchor_spacing: mean nearest-neighbour distance of the anchors (metres), needed
+        when `model.gaussians.init_scale_in_spacings` sets the initial scale from it
+        (`gaussians.mean_anchor_spacing(anchors.positions)`).
+    """
     v = model.vit
     preset = ViTConfig.dinov3 if v.family == "dinov3" else ViTConfig.dinov2
     vit = preset(v.size, **dict(v.overrides or {}))
@@ -159,6 +184,7 @@ def avatar_config(model: ml_collections.ConfigDict) -> AvatarConfig:
         mlp_layers=d.mlp_layers,
         aggregation=bool(model.aggregation),
         color_fusion=bool(model.color_fusion),
+        head=_gaussian_head_config(model, anchor_spacing),
         dtype=jnp.dtype(model.dtype).name,
     )
     return AvatarConfig(
@@ -187,12 +213,13 @@ class AvatarOutput:
 
     Attributes:
       gaussians: the canonical Gaussians (B, K, ...).
-      correspondence: the estimator's uv / face_prob / face_logit, (B, N, H, W, ...).
+      correspondence: the estimator's uv / face_prob / face_logit, (B, N, H, W, ...);
+        None under teacher forcing.
       reprojection: the UV maps (i_uv, hits, I_aggr, gamma, n_hit) at the decoder size.
     """
 
     gaussians: CanonicalGaussians
-    correspondence: CorrespondenceOutput
+    correspondence: CorrespondenceOutput | None
     reprojection: Reprojection
 
 
@@ -237,9 +264,22 @@ class UIKA(nnx.Module):
         self.decoder = UVDecoder(config.decoder, rngs)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> UIKA:
-        """Builds the model of a full config (`config.model`)."""
-        return cls(avatar_config(config.model), rngs=rngs)
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        *,
+        rngs: nnx.Rngs,
+        anchor_spacing: float | None = None,
+    ) -> UIKA:
+        """Builds the model of a full config (`config.model`).
+
+        Args:
+          config: the full config.
+          rngs: initialisation keys.
+          anchor_spacing: the anchors' mean spacing (metres), which sets the initial
+            Gaussian scale when `model.gaussians.init_scale_in_spacings` is set.
+        """
+        return cls(avatar_config(config.model, anchor_spacing), rngs=rngs)
 
     def _check_inputs(self, images: jax.Array, view_mask: jax.Array | None) -> jax.Array:
         c = self.config
@@ -258,7 +298,12 @@ class UIKA(nnx.Module):
         return view_mask.astype(bool)
 
     def __call__(
-        self, images: jax.Array, view_mask: jax.Array | None, anchors: Anchors
+        self,
+        images: jax.Array,
+        view_mask: jax.Array | None,
+        anchors: Anchors,
+        *,
+        teacher: tuple[jax.Array, jax.Array] | None = None,
     ) -> AvatarOutput:
         """The full forward pass with its intermediate results.
 
@@ -267,6 +312,10 @@ class UIKA(nnx.Module):
           view_mask: (B, N) bool, False for padded views (each sample needs one valid
             view); None: all valid.
           anchors: K anchors made at uv_resolution = the decoder map size (`build_head`).
+          teacher: teacher forcing: (uv (B, N, H, W, 2), face probability (B, N, H, W))
+            reprojected instead of the estimator's (e.g. the ground-truth UV maps and
+            head masks); the estimator's head is then not run and the output's
+            `correspondence` is None. None: the estimator's own (the paper).
 
         Returns:
           The `AvatarOutput`.
@@ -278,11 +327,16 @@ class UIKA(nnx.Module):
             screen_backbone = self.correspondence.backbone(
                 images, view_mask, extra_layers=self.encoder.layers
             )
-        correspondence = self.correspondence(images, view_mask, backbone=screen_backbone)
+        if teacher is None:
+            correspondence = self.correspondence(images, view_mask, backbone=screen_backbone)
+            uv, face_prob = correspondence.uv, correspondence.face_prob
+        else:
+            correspondence = None
+            uv, face_prob = teacher
         reprojection = reproject(
             images,
-            jax.lax.stop_gradient(correspondence.uv),
-            jax.lax.stop_gradient(correspondence.face_prob),
+            jax.lax.stop_gradient(uv),
+            jax.lax.stop_gradient(face_prob),
             view_mask,
             resolution=c.decoder.map_size,
             threshold=c.face_threshold,

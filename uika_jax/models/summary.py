@@ -44,8 +44,17 @@ class ParameterCounts:
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> UIKA:
-    """The config's model built with `nnx.eval_shape` (ShapeDtypeStruct weights)."""
-    return nnx.eval_shape(lambda: UIKA.from_config(config, rngs=nnx.Rngs(0)))
+    """The config's model built with `nnx.eval_shape` (ShapeDtypeStruct weights).
+
+    Only shapes are made, so the initial Gaussian scale's anchor spacing (a value, not
+    a shape) is a stand-in that satisfies the config's range checks.
+    """
+    gaussians = config.model.get("gaussians") or {}
+    in_spacings = gaussians.get("init_scale_in_spacings") or 1
+    spacing = gaussians.get("max_scale", 0.01) / (2 * in_spacings)
+    return nnx.eval_shape(
+        lambda: UIKA.from_config(config, rngs=nnx.Rngs(0), anchor_spacing=spacing)
+    )
 
 
 def _module_path(path: tuple, depth: int) -> str:

@@ -4,11 +4,12 @@ Avatar stage (`total_loss`), on the N_d target frames of each sample:
 
     loss = l1 * L1 + ssim * (1 - SSIM) + lpips * LPIPS + reg * R(d_mu)
 
-* Head region: the ground-truth frame is composited with its mask onto the
-  background the prediction was rendered over, and so is the prediction
-  (`composite`), so both agree outside the mask and only the head is compared;
-  every term then averages over the whole image. For L1 this equals the
-  mask-weighted error mean(m * |pred - gt|) (`masked_l1`).
+* Targets: the ground-truth frame is composited with its mask onto the
+  background the prediction was rendered over (`composite`), and the render is
+  compared with it as it is, over the whole image: Gaussians floating outside the
+  head (where the target shows background) cost as much as errors inside it. (The
+  evaluation metrics instead composite both with the ground-truth mask, comparing
+  the head region only; `masked_l1` is that L1.)
 * SSIM (`ssim`): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03 on [0, 1]
   images. SAME padding (zeros outside the image, the window's weights kept as
   they are, as the 3DGS family computes it) is the training and metric
@@ -247,6 +248,9 @@ def total_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The avatar-stage loss: l1 L1 + ssim (1 - SSIM) + lpips LPIPS + reg R(d_mu).
 
+    The render is compared, over the whole image, with the target composited with its
+    mask onto the render's background (module docstring).
+
     Args:
       pred: the rendered target frames, the offsets and the background.
       batch: with `target_image` (B, N_d, H, W, 3) and `target_mask` (B, N_d, H, W).
@@ -262,9 +266,9 @@ def total_loss(
     if pred.images.shape != target.shape:
         raise ValueError(f"predicted images {pred.images.shape} != target_image {target.shape}")
     gt = composite(target, masks, pred.background)
-    rendered = composite(pred.images, masks, pred.background)
+    rendered = pred.images
     terms = {
-        "l1": masked_l1(pred.images, target, masks),
+        "l1": jnp.mean(jnp.abs(rendered - gt)),
         "ssim": jnp.mean(ssim(rendered, gt)),
         "reg": offset_regularizer(pred.offsets, weights["reg_eps"]),
     }

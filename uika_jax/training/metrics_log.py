@@ -158,34 +158,41 @@ def _as_images(name: str, array: Any, ndim: int) -> np.ndarray:
 
 
 def image_grid(sources: Any, source_mask: Any, prediction: Any, ground_truth: Any) -> np.ndarray:
-    """Lays out one row a sample: its N source views | prediction | ground truth.
+    """Lays out one row a sample: its N source views | F predictions | F ground truths.
 
     Args:
       sources: (B, N, H, W, 3) floats in [0, 1] (clipped; NaN shown black).
       source_mask: (B, N) bools, False for padded views, which are shown grey.
-      prediction: (B, H, W, 3) floats in [0, 1].
-      ground_truth: (B, H, W, 3) floats in [0, 1].
+      prediction: (B, H, W, 3) or (B, F, H, W, 3) floats in [0, 1] (F target frames).
+      ground_truth: the same shape as `prediction`.
 
     Returns:
-      uint8 (B*H + (B+1)*s, (N+2)*W + (N+3)*s, 3) with s = GRID_SEPARATOR white pixels
-      between and around the cells.
+      uint8 (B*H + (B+1)*s, (N+2F)*W + (N+2F+1)*s, 3) with s = GRID_SEPARATOR white
+      pixels between and around the cells (F = 1 for 4-axis predictions).
     """
     sources = _as_images("sources", sources, 5)
-    prediction = _as_images("prediction", prediction, 4)
-    ground_truth = _as_images("ground_truth", ground_truth, 4)
+    prediction = np.asarray(prediction)
+    frames_axis = prediction.ndim == 5
+    prediction = _as_images("prediction", prediction, 5 if frames_axis else 4)
+    ground_truth = _as_images("ground_truth", ground_truth, prediction.ndim)
+    if not frames_axis:
+        prediction, ground_truth = prediction[:, None], ground_truth[:, None]
     batch, views, height, width, _ = sources.shape
+    frames = prediction.shape[1]
     source_mask = np.asarray(source_mask, dtype=bool)
     if source_mask.shape != (batch, views):
         raise ValueError(f"source_mask must be {(batch, views)}, got {source_mask.shape}")
     for name, image in (("prediction", prediction), ("ground_truth", ground_truth)):
-        if image.shape != (batch, height, width, 3):
-            raise ValueError(f"{name} must be {(batch, height, width, 3)}, got {image.shape}")
+        if image.shape != (batch, frames, height, width, 3):
+            got = image.shape if frames_axis else image.shape[:1] + image.shape[2:]
+            raise ValueError(f"{name} must be like the sources' images, got {got}")
     shown = np.where(source_mask[..., None, None, None], sources, PADDED_VIEW_GREY)
-    cells = np.concatenate([shown, prediction[:, None], ground_truth[:, None]], axis=1)
+    cells = np.concatenate([shown, prediction, ground_truth], axis=1)
+    columns = cells.shape[1]
     s = GRID_SEPARATOR
-    grid = np.ones((batch * (height + s) + s, (views + 2) * (width + s) + s, 3), np.float32)
+    grid = np.ones((batch * (height + s) + s, columns * (width + s) + s, 3), np.float32)
     for row in range(batch):
-        for column in range(views + 2):
+        for column in range(columns):
             top, left = s + row * (height + s), s + column * (width + s)
             grid[top : top + height, left : left + width] = cells[row, column]
     return np.round(grid * 255.0).astype(np.uint8)

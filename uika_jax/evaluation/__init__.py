@@ -1,0 +1,1 @@
+"""Evaluation: protocols, metrics and reports (`evaluate.py`; periodic evaluation in training)."""
