@@ -205,6 +205,7 @@ def _steps(run, state, shardings, step, iterator, checkpointer, preempted, logge
                 batch = next(iterator)
             waited = time.perf_counter() - started
             state, metrics = train_step(state, batch, run.assets)
+            jax.block_until_ready(metrics)  # the step's time, not its dispatch
             batch = None
             step += 1
             if step == ts.stage_range(config, ts.STAGES[0])[1] and step < total:

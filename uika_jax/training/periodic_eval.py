@@ -15,6 +15,10 @@ background, and returns `head_region_metrics` averaged over target frames and sa
     eval/psnr_other_sources                  sample i's targets rendered from the
                                              sources of the next sample (another identity)
     eval/psnr_own_minus_other                how much the model uses its inputs
+    eval/uv_error, eval/face_iou             the estimator on the sources: mean |UV -
+                                             ground truth| on head pixels, and the IoU
+                                             of its face mask (probability > threshold)
+                                             with the ground-truth head mask
 
 plus the first batch's images for a picture grid.
 """
@@ -153,6 +157,23 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _estimator_errors(
+    pred: Any, batch: Mapping[str, jax.Array], b: int, threshold: float
+) -> dict[str, jax.Array]:
+    """Per sample: mean |UV - ground truth| on head pixels, face-mask IoU (real views)."""
+    uv, face = pred.uv[:b], pred.face_prob[:b][..., 0] > threshold
+    truth = batch["source_uv_valid"]
+    views = batch["view_mask"][:, :, None, None]
+    head = truth & views
+    error = jnp.sum(jnp.abs(uv - batch["source_uv"]).mean(-1) * head, axis=(1, 2, 3))
+    inter = jnp.sum(face & head, axis=(1, 2, 3))
+    union = jnp.sum((face | truth) & views, axis=(1, 2, 3))
+    return {
+        "uv_error": error / jnp.maximum(jnp.sum(head, axis=(1, 2, 3)), 1),
+        "face_iou": inter / jnp.maximum(union, 1),
+    }
+
+
 class Evaluator:
     """Evaluates a state's weights on an `EvalSet` (module docstring)."""
 
@@ -188,25 +209,30 @@ class Evaluator:
         background = jnp.asarray(config.render.background, jnp.float32)
         self.background = background
         use_shape = bool(config.head.use_dataset_shape)
+        threshold = float(config.model.correspondence.threshold)
 
         def evaluate(params, rest, batch, assets):
             model = nnx.merge(graphdef, params, rest)
             lpips = None if lpips_fn is None else (lpips_fn, assets.lpips_params)
-
-            def metrics_of(batch):
-                _, rendered = render_targets(
-                    model, batch, assets, background=background, raster=raster,
-                    use_shape=use_shape,
-                )  # fmt: skip
-                metrics = head_region_metrics(
-                    rendered.images, batch["target_image"], batch["target_mask"], background,
-                    lpips=lpips,
-                )  # fmt: skip
-                return {k: jnp.mean(v, axis=1) for k, v in metrics.items()}, rendered.images
-
-            own, images = metrics_of(batch)
-            other, _ = metrics_of(_other_sources(batch))
-            return {**own, "psnr_other_sources": other["psnr"]}, images
+            # Own and other sources as one batch of 2B: one program, compiled once.
+            both = jax.tree.map(
+                lambda own, other: jnp.concatenate([own, other]), batch, _other_sources(batch)
+            )
+            out, rendered = render_targets(
+                model, both, assets, background=background, raster=raster, use_shape=use_shape
+            )
+            metrics = head_region_metrics(
+                rendered.images, both["target_image"], both["target_mask"], background,
+                lpips=lpips,
+            )  # fmt: skip
+            b = batch["target_image"].shape[0]
+            own = {k: jnp.mean(v[:b], axis=1) for k, v in metrics.items()}
+            other = jnp.mean(metrics["psnr"][b:], axis=1)
+            return {
+                **own,
+                "psnr_other_sources": other,
+                **_estimator_errors(out.correspondence, batch, b, threshold),
+            }, rendered.images[:b]
 
         self._evaluate = jax.jit(evaluate)
         self._mesh = mesh

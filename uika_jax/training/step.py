@@ -164,6 +164,13 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
+_TOTALS = frozenset({"raster/isects", "raster/dropped", "raster/overflow_frames"})
+"""Metrics that are maxima or counts over a step's micro-batches, not means."""
+
+_COMBINE = {"raster/isects": jnp.maximum}
+"""How micro-batches combine a metric (default: summed, then means divided by the count)."""
+
+
 def _raster_metrics(meta: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return {
         "raster/isects": jnp.max(meta["n_isects"]).astype(jnp.float32),
@@ -250,7 +257,12 @@ def make_train_step(
                 (loss, metrics), grads = grad_fn(
                     state.params, state.rest, micro_batch, assets, background
                 )
-                return jax.tree.map(jnp.add, total, (loss, metrics, grads)), None
+                total_loss, total_metrics, total_grads = total
+                return (
+                    total_loss + loss,
+                    {k: _COMBINE.get(k, jnp.add)(total_metrics[k], v) for k, v in metrics.items()},
+                    jax.tree.map(jnp.add, total_grads, grads),
+                ), None
 
             shapes = jax.eval_shape(
                 grad_fn,
@@ -261,8 +273,11 @@ def make_train_step(
                 background,
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (*shapes[0], shapes[1]))
-            summed, _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, micro))
-            loss, metrics, grads = jax.tree.map(lambda x: x / micro, summed)
+            (loss, metrics, grads), _ = jax.lax.scan(
+                accumulate, zeros, _micro_batches(batch, micro)
+            )
+            loss, grads = loss / micro, jax.tree.map(lambda g: g / micro, grads)
+            metrics = {k: v if k in _TOTALS else v / micro for k, v in metrics.items()}
         # A non-finite loss poisons the gradient so the optimizer skips the update.
         finite = jnp.isfinite(loss)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
