@@ -38,11 +38,11 @@ Typical use, at the top of a training entry point:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
 import jax
+from absl import logging
 
 ADDRESS_VAR = "JAX_COORDINATOR_ADDRESS"
 """Environment variable of the coordinator's `host:port` (process 0's), also read by jax."""
