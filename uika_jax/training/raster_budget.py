@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from uika_jax.head.anchors import Anchors
 from uika_jax.head.model import HeadModel
@@ -28,8 +31,20 @@ from uika_jax.render import RasterConfig
 from uika_jax.render.capacity import calibrate_capacity
 from uika_jax.training.step import target_params
 
+_CAMERA_KEYS = (
+    "target_pose", "target_expression", "target_translation", "shape", "target_viewmat",
+    "target_intrinsics",
+)  # fmt: skip
+
 OPAQUE_LOGIT = 10.0
 """Opacity logit of the calibration's Gaussians (opacity 0.99995: the widest radii)."""
+
+
+def _on_every_process(x: Any) -> np.ndarray:
+    """A batch array's whole value on every process (so all size the same capacity)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def largest_gaussians(anchors: Anchors, batch_size: int, max_scale: float) -> CanonicalGaussians:
@@ -65,7 +80,8 @@ def raster_config(
       config: the run's config (`render`, `model.gaussians.max_scale`).
       head: the head model.
       anchors: the Gaussians' anchors.
-      batch: a sample batch (its target frames' parameters and cameras), on host.
+      batch: a sample batch (its target frames' parameters and cameras): host arrays or
+        global arrays (gathered from every process, so all processes agree).
     """
     r = config.render
     base = RasterConfig(backend=r.backend, tile_cap=r.tile_cap, warn_on_overflow=False)
@@ -74,11 +90,11 @@ def raster_config(
             backend=r.backend, capacity=int(r.capacity), tile_cap=r.tile_cap,
             warn_on_overflow=False,
         )  # fmt: skip
-    batch = jax.tree.map(jnp.asarray, jax.device_get(dict(batch)))
+    batch = {k: jnp.asarray(_on_every_process(batch[k])) for k in _CAMERA_KEYS}
     b = batch["target_pose"].shape[0]
     gaussians = largest_gaussians(anchors, b, float(config.model.gaussians.max_scale))
     posed = drive(head, anchors, gaussians, target_params(batch))
-    size = batch["target_image"].shape[-2]
+    size = int(config.model.image_size)
     calibrated = calibrate_capacity(
         posed.means,
         posed.quats,

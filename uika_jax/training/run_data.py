@@ -21,13 +21,16 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import logging
-from jax.experimental import multihost_utils
 
 from uika_jax import sharding
 from uika_jax.data.augment import AugmentConfig
 from uika_jax.data.format import INDEX_FILE
 from uika_jax.data.pipeline import Pipeline, PipelineConfig
 from uika_jax.synthetic.dataset import SynthConfig, generate
+from uika_jax.training import distributed
+
+DATA_WAIT_SECONDS = 24 * 3600.0
+"""How long the other processes wait for process 0 to generate the synthetic dataset."""
 
 
 def _synthetic_finished(path: Path, config: SynthConfig) -> bool:
@@ -71,8 +74,7 @@ def prepare_sources(config: ml_collections.ConfigDict) -> tuple[list[str], list[
             logging.info("generating the synthetic dataset in %s (%s)", path, synth)
             path.parent.mkdir(parents=True, exist_ok=True)
             generate(path, synth, progress=True)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("synthetic dataset ready")
+        distributed.barrier("synthetic dataset ready", timeout_s=DATA_WAIT_SECONDS)
         paths.append(str(path))
         weights.append(float(d.synthetic_weight))
     paths += real_paths
