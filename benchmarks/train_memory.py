@@ -40,6 +40,24 @@ arguments + outputs - aliased + temporaries. These are XLA:CPU's buffer-assignme
 figures for the program as compiled for CPU: a proxy for a GPU or TPU, whose compilers
 fuse, schedule and rematerialise differently (and whose attention kernels differ), not
 a measurement on one.
+
+Measured (2 cores shared with other jobs; the config as is unless the row says; GiB per
+device; "compile": seconds of wall time under that load; per-dev: samples a device holds per
+micro-step; micro: `optim.micro_batches`; remat: the transformer's policy, "dots" the
+config's dots_with_no_batch_dims_saveable; chunk: the chunked attention's chunk size):
+
+| mesh | per-dev | micro | remat | chunk | arguments | outputs | aliased | temp | total | compile |
+|---|---|---|---|---|---|---|---|---|---|---|
+| 8,1,1 | 1 | 4 | dots | 1024 | 9.01 | 8.63 | 8.63 | 48.53 | 57.54 | 197 |
+| 8,1,1 | 2 | 2 | dots | 1024 | 9.01 | 8.63 | 8.63 | 90.60 | 99.61 | 225 |
+| 2,4,1 | 1 | 4 | dots | 1024 | 2.56 | 2.19 | 2.19 | 52.66 | 55.23 | 332 |
+| 2,4,1 | 2 | 2 | dots | 1024 | 2.56 | 2.19 | 2.19 | 101.49 | 104.05 | 160 |
+| 8,1,1 | 1 | 4 | nothing | 1024 | 9.01 | 8.63 | 8.63 | 40.73 | 49.73 | 103 |
+| 8,1,1 | 2 | 2 | nothing | 1024 | 9.01 | 8.63 | 8.63 | 75.24 | 84.25 | 55 |
+| 8,1,1 | 2 | 2 | nothing | 512 | 9.01 | 8.63 | 8.63 | 71.99 | 81.00 | 60 |
+| 2,4,1 | 2 | 2 | nothing | 512 | 2.56 | 2.19 | 2.19 | 69.43 | 71.99 | 51 |
+
+(rows 5-8: `--remat nothing_saveable [--chunk-size 512] --mesh M --per-device P`.)
 """
 
 from __future__ import annotations
