@@ -58,6 +58,17 @@ config's dots_with_no_batch_dims_saveable; chunk: the chunked attention's chunk 
 | 2,4,1 | 2 | 2 | nothing | 512 | 2.56 | 2.19 | 2.19 | 69.43 | 71.99 | 51 |
 
 (rows 5-8: `--remat nothing_saveable [--chunk-size 512] --mesh M --per-device P`.)
+
+Where row 1's 57.5 GiB go (`XLA_FLAGS=--xla_dump_to=DIR`, the module's
+`cpu_after_optimizations-memory-usage-report.txt`): the largest allocations hold
+the chunked attention's key masks broadcast to (chunks, B, H, T, chunk) booleans,
+pred[25,1,16,25600,1024] and pred[18,1,16,18432,1024] (9.8 and 5.1 GiB buffers). They
+are not in the program JAX emits (before optimisation the masks are pred[25,8,1024]):
+XLA:CPU's passes hoist the broadcast out of the chunk loop, so a GPU (cuDNN) or TPU
+(splash) program has no such buffers and this proxy overstates them. Next come the
+transformer blocks' saved activations stacked over the scanned blocks, in float32
+(f32[11,1,16384,4096], f32[11,1,9216,4096], f32[11,1,16384,1024], ...: 0.4-2.8 GiB
+each), which "nothing_saveable" drops (rows 5-6).
 """
 
 from __future__ import annotations
