@@ -196,7 +196,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tr.log_every = 100
     tr.checkpoint_every = 2_000
     tr.keep_checkpoints = 3
-    tr.image_grid_every = 2_000
 
     ev = config.eval = ml_collections.ConfigDict()
     # Periodic evaluation on a fixed set of validation identities (train.py); the test
