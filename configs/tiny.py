@@ -4,8 +4,9 @@ Every stage of the paper configuration, every size shrunk. The whole forward pas
 (correspondence, reprojection, dual encoder, transformer, decoder, driving, rendering)
 runs on a CPU in seconds, and training (a 40-identity synthetic dataset at 64 x 64,
 generated on first use, then 600 estimator steps and 450 avatar steps, evaluated on 8
-validation identities every 150 steps) takes about ten minutes on 2 cores. It starts from `configs/default.py` and replaces the sizes; the
-argument selects the same ablations.
+validation identities every 150 steps) takes about ten minutes on 2 cores. It starts
+from `configs/default.py` and replaces the sizes; the argument selects the same
+ablations.
 
 No pretrained weights are available offline, so the small ViT is trained from
 scratch (`vit.train = True`: `nnx.Param` weights, no stop_gradient) and the head is
