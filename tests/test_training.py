@@ -264,27 +264,31 @@ def test_step_skips_a_non_finite_batch_and_counts_overflow(step_setup):
     assert metrics["raster/overflow_steps"] == 2 == int(skipped.overflow_steps)
 
 
-def test_two_micro_batches_update_like_one_batch(step_setup):
-    """The avatar stage's losses are plain means, so two halves average to the whole.
+@pytest.mark.parametrize("stage", ts.STAGES)
+def test_two_micro_batches_update_like_one_batch(step_setup, stage):
+    """Two half batches accumulate the whole batch's update.
 
-    (The estimator stage's are not: its UV L1 is normalised by the mask pixels of the
-    (micro-)batch, so micro-batches weight samples differently.)
+    The avatar losses are plain means; the estimator's divide by pixel counts, taken
+    from the whole batch (`losses.correspondence_counts`), not from each half.
     """
     _, _, batch, assets = step_setup
-    avatar = ts.STAGES[1]
-    state = fresh_state(step_setup, avatar)
-    one, metrics_one = jax.device_get(compiled_step(step_setup, avatar, 1)(state, batch, assets))
-    two, metrics_two = jax.device_get(compiled_step(step_setup, avatar, 2)(state, batch, assets))
-    for key in ("loss", "l1", "ssim", "reg", "grad_norm"):
+    state = fresh_state(step_setup, stage)
+    one, metrics_one = jax.device_get(compiled_step(step_setup, stage, 1)(state, batch, assets))
+    two, metrics_two = jax.device_get(compiled_step(step_setup, stage, 2)(state, batch, assets))
+    terms = ("l1", "ssim", "reg") if stage == "avatar" else ("uv_l1", "mask_bce")
+    for key in ("loss", *terms, "grad_norm"):
         np.testing.assert_allclose(metrics_two[key], metrics_one[key], rtol=1e-5, err_msg=key)
     # Maxima and counts over the whole batch, not means of the micro-batches'.
     for key in ("raster/isects", "raster/dropped", "raster/overflow_frames"):
-        assert metrics_two[key] == metrics_one[key], key
+        assert metrics_two.get(key) == metrics_one.get(key), key
     # The first moment after one step is (1 - b1) times the clipped mean gradient.
     mu_one = jax.tree.leaves(optax.tree_utils.tree_get(one.opt_state, "mu"))
     mu_two = jax.tree.leaves(optax.tree_utils.tree_get(two.opt_state, "mu"))
     scale = max(float(np.abs(m).max()) for m in mu_one)
     for a, b in zip(mu_one, mu_two, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
+    # Adam's first step moves a weight by about the learning rate whatever its gradient,
+    # so a gradient near 0 may turn either way: 1% of the learning rate is allowed.
+    atol = 0.01 * float(ts.stage_optim(step_setup[0], stage).peak_lr)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol)

@@ -234,6 +234,7 @@ def correspondence_loss(
     weights: CorrespondenceLossWeights = CorrespondenceLossWeights(),
     *,
     valid: jax.Array | None = None,
+    counts: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The estimator's training loss: `uv * L1_uv + mask * BCE_mask`.
 
@@ -243,6 +244,9 @@ def correspondence_loss(
       mask_gt: (..., H, W) ground-truth face mask (bool or {0, 1}).
       weights: the term weights.
       valid: optional (...) per-image weights in {0, 1} (0 for padded views).
+      counts: (mask pixels, pixels of valid images) to divide by instead of this
+        call's own: a whole batch's counts over the number of micro-batches, so that
+        the mean of the micro-batches' losses is the batch's loss.
 
     Returns:
       (loss, terms): the scalar loss and {"uv_l1", "mask_bce"} (unweighted).
@@ -263,10 +267,11 @@ def correspondence_loss(
     y = jnp.asarray(mask_gt, jnp.float32)
     m = y * v
     err = jnp.abs(pred.uv - jnp.asarray(uv_gt, jnp.float32)).mean(-1)
-    uv_l1 = jnp.sum(m * err) / jnp.maximum(jnp.sum(m), 1.0)
     z = pred.face_logit[..., 0]
     bce = jnp.logaddexp(0.0, z) - y * z
-    pixels = jnp.sum(jnp.broadcast_to(v, bce.shape))
-    mask_bce = jnp.sum(v * bce) / jnp.maximum(pixels, 1.0)
+    if counts is None:
+        counts = (jnp.sum(m), jnp.sum(jnp.broadcast_to(v, bce.shape)))
+    uv_l1 = jnp.sum(m * err) / jnp.maximum(counts[0], 1.0)
+    mask_bce = jnp.sum(v * bce) / jnp.maximum(counts[1], 1.0)
     loss = weights.uv * uv_l1 + weights.mask * mask_bce
     return loss, {"uv_l1": uv_l1, "mask_bce": mask_bce}

@@ -290,10 +290,26 @@ def total_loss(
     return loss, {**terms, "loss": loss}
 
 
+def _stage_one_valid(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(ground-truth UV mask (B, N, H, W), views that count (B, N))."""
+    uv_valid = jnp.asarray(batch["source_uv_valid"], bool)
+    return uv_valid, jnp.asarray(batch["view_mask"], bool) & jnp.any(uv_valid, axis=(-2, -1))
+
+
+def correspondence_counts(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The stage-1 loss's normalisers of a batch: (head pixels, pixels of counted views)."""
+    uv_valid, valid = _stage_one_valid(batch)
+    head = jnp.sum(uv_valid & valid[..., None, None]).astype(jnp.float32)
+    pixels = jnp.sum(valid).astype(jnp.float32) * uv_valid.shape[-2] * uv_valid.shape[-1]
+    return head, pixels
+
+
 def correspondence_stage_loss(
     pred: CorrespondenceOutput,
     batch: Mapping[str, jax.Array],
     weights: CorrespondenceLossWeights | None = None,
+    *,
+    counts: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Stage 1: the estimator's UV L1 and face-probability BCE on the source views.
 
@@ -302,12 +318,15 @@ def correspondence_stage_loss(
       batch: with `source_uv` (B, N, H, W, 2), `source_uv_valid` (B, N, H, W) and
         `view_mask` (B, N).
       weights: the uv and mask weights; None: `CorrespondenceLossWeights()`.
+      counts: normalisers to use instead of this batch's (`correspondence_counts` of
+        a whole batch over its number of micro-batches); None: this batch's.
 
     Returns:
       (loss, terms): as `correspondence_loss` ("uv_l1", "mask_bce"); padded views and
       views without any ground-truth UV pixel contribute nothing.
     """
-    uv_valid = jnp.asarray(batch["source_uv_valid"], bool)
-    valid = jnp.asarray(batch["view_mask"], bool) & jnp.any(uv_valid, axis=(-2, -1))
+    uv_valid, valid = _stage_one_valid(batch)
     weights = CorrespondenceLossWeights() if weights is None else weights
-    return correspondence_loss(pred, batch["source_uv"], uv_valid, weights, valid=valid)
+    return correspondence_loss(
+        pred, batch["source_uv"], uv_valid, weights, valid=valid, counts=counts
+    )

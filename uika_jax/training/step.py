@@ -11,7 +11,8 @@ the program nor checkpointed. The step:
 
 * splits the batch into `micro_batches` equal micro-batches along the batch axis and
   accumulates the mean gradient over them in a `lax.scan` (one update a step; a
-  device holds one micro-batch's activations at a time);
+  device holds one micro-batch's activations at a time); the estimator loss divides
+  by the whole batch's pixel counts, so the update equals the unsplit batch's;
 * estimator stage: `correspondence_stage_loss` of the estimator on the source views;
   avatar stage: reconstruct from the sources (`UIKA.__call__`, with the ground-truth UV
   and masks under teacher forcing), drive to the targets' FLAME parameters, render
@@ -50,6 +51,7 @@ from uika_jax.render import RasterConfig
 from uika_jax.training.losses import (
     LpipsFn,
     Prediction,
+    correspondence_counts,
     correspondence_stage_loss,
     total_loss,
 )
@@ -186,19 +188,25 @@ def make_loss_fn(
     raster: RasterConfig,
     lpips_fn: LpipsFn | None,
 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-    """`loss_fn(params, rest, micro_batch, assets, background) -> (loss, metrics)`."""
+    """`loss_fn(params, rest, micro_batch, assets, background, counts) -> (loss, metrics)`.
+
+    `counts`: the estimator loss's normalisers (`losses.correspondence_counts` of the
+    whole batch over the number of micro-batches), or None for the micro-batch's own;
+    the avatar loss, a plain mean, ignores them.
+    """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     weights = {k: float(v) for k, v in config.loss.items()}
     teacher_forcing = bool(config.train.teacher_forcing)
     use_shape = bool(config.head.use_dataset_shape)
 
-    def estimator_loss(params, rest, batch, assets, background):
+    def estimator_loss(params, rest, batch, assets, background, counts):
         model = nnx.merge(graphdef, params, rest)
         pred = model.correspondence(batch["source_image"], batch["view_mask"])
-        return correspondence_stage_loss(pred, batch)
+        loss, terms = correspondence_stage_loss(pred, batch, counts=counts)
+        return loss, {**terms, "loss": loss}
 
-    def avatar_loss(params, rest, batch, assets, background):
+    def avatar_loss(params, rest, batch, assets, background, counts):
         model = nnx.merge(graphdef, params, rest)
         out, rendered = render_targets(
             model,
@@ -250,12 +258,15 @@ def make_train_step(
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         background = step_background(config, state.step)
         if micro == 1:
-            (loss, metrics), grads = grad_fn(state.params, state.rest, batch, assets, background)
+            (loss, metrics), grads = grad_fn(
+                state.params, state.rest, batch, assets, background, None
+            )
         else:
+            counts = jax.tree.map(lambda c: c / micro, correspondence_counts(batch))
 
             def accumulate(total, micro_batch):
                 (loss, metrics), grads = grad_fn(
-                    state.params, state.rest, micro_batch, assets, background
+                    state.params, state.rest, micro_batch, assets, background, counts
                 )
                 total_loss, total_metrics, total_grads = total
                 return (
@@ -271,6 +282,7 @@ def make_train_step(
                 jax.tree.map(lambda x: x[0], _micro_batches(batch, micro)),
                 assets,
                 background,
+                counts,
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (*shapes[0], shapes[1]))
             (loss, metrics, grads), _ = jax.lax.scan(
