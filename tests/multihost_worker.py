@@ -1,11 +1,10 @@
-"""One process of `tests/test_multihost.py`: a few sharded SGD steps of the tiny UIKA.
+"""One process of `tests/test_multihost.py`: a few steps of the real train step.
 
-The test first writes the initial weights, the head model and its anchors once
-(`save_initial_state`, in the pytest process), then runs this script once per process
-(CPU only):
+The test first generates a small synthetic dataset (`SYNTHETIC`, in the pytest
+process), then runs this script once per process (CPU only):
 
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \
-        python tests/multihost_worker.py --init INIT --data DIR --out OUT.json \
+        python tests/multihost_worker.py --data DIR --out OUT.json \
         --coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id I
 
 Without the three distributed flags it is the single-process reference: it reads the
@@ -13,28 +12,32 @@ local batches of every one of `--data_processes` pipeline processes itself and p
 them together, so its global batches hold exactly the rows the multi-process run
 reads (the pipeline gives each process its own identities).
 
-The computation, a stand-in for the real train step: the tiny config's UIKA, its state
-sharded over a (data, fsdp, tensor) mesh of every global device, the global batches
-of `Pipeline` / `GlobalBatchIterator`, and per step a jitted loss (the predicted
-Gaussians' colours against the mean colour of the sample's target heads, plus the
-offset regulariser) and a plain SGD update. Each process writes the losses it saw
-(global scalars: every process must see the same) to `--out` as JSON.
+The computation is the training loop's (`uika_jax.training.loop`): the small network
+test config (`network_fixtures.small_config`, LPIPS weight 0, no warm-up), the state
+built sharded by `train_state.init_state` over a (data, fsdp, tensor) mesh of every
+global device, the global batches of `Pipeline` / `GlobalBatchIterator`, the replicated
+`StepAssets` (head model, anchors), and `make_train_step` jitted as the loop jits it
+(state donated, the state's shardings as outputs, under `jax.set_mesh`) with a fixed
+rasterizer capacity: `--estimator_steps` steps of the estimator stage, `restage`, then
+`--avatar_steps` steps of the avatar stage. Each process writes the metrics of every
+step (global scalars: every process must see the same) to `--out` as JSON.
 
 Gloo gives a process 30 s (fixed in jax 0.10.2's XLA, not a flag) to find its peers
 when a collective first runs: processes that reach it further apart fail with
 "Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out".
 So the processes meet at a coordination-service barrier (`distributed.barrier`,
-no such limit) before the first collective, and the state is put on the devices with
-`jax.make_array_from_callback` (`jax.device_put` of host values to a multi-process
-sharding checks with a collective that every process holds the same value).
+no such limit) once each stage's step is compiled, before it first runs, and the
+assets are put on the devices with `jax.make_array_from_callback` (`jax.device_put`
+of host values to a multi-process sharding checks with a collective that every
+process holds the same value).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import pickle
 import sys
 import time
 import traceback
@@ -42,42 +45,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-CONFIG = ROOT / "configs" / "tiny.py"
 DEFAULT_CACHE = os.path.expanduser("~/.cache/uika_jax/jax_compilation_cache")
 """The compilation cache of the test suite (tests/conftest.py), `UIKA_TEST_CACHE_DIR`."""
 
+SYNTHETIC = dict(
+    identities=4, views=3, sequences=1, frames=4, size=32, seed=0, hair=False,
+    val_fraction=0.0, test_fraction=0.0,
+)  # fmt: skip
+"""The test's synthetic dataset (`SynthConfig`): 4 training identities, 3 views of 4 frames."""
 
-def make_model(uika, config, anchors):
-    """The tiny UIKA (with the anchors' spacing where this version of the model takes it)."""
-    import inspect
-
-    import numpy as np
-    from flax import nnx
-
-    from uika_jax.models.gaussians import mean_anchor_spacing
-
-    kwargs = {}
-    if "anchor_spacing" in inspect.signature(uika.from_config).parameters:
-        kwargs["anchor_spacing"] = mean_anchor_spacing(np.asarray(anchors.positions))
-    return uika.from_config(config, rngs=nnx.Rngs(0), **kwargs)
+CAPACITY = 1024
+"""Rasterizer intersection slots a frame (fixed: no calibration; the small model has ~270)."""
 
 
-def save_initial_state(out: Path) -> None:
-    """Writes the tiny UIKA's initial weights, the head model and its anchors under `out`."""
-    import jax
-    import numpy as np
-    from flax import nnx
+def run_config(args: argparse.Namespace):
+    """`small_config()` as a run of the worker's steps (LPIPS off, no learning-rate warm-up)."""
+    from network_fixtures import small_config
 
-    from uika_jax.config import load_config
-    from uika_jax.models.avatar import UIKA, build_head
-
-    config = load_config(CONFIG)
-    head, anchors = build_head(config)
-    state = nnx.state(make_model(UIKA, config, anchors))
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "state.npz", *[np.asarray(x) for x in jax.tree.leaves(state)])
-    (out / "head.pkl").write_bytes(pickle.dumps((head, anchors)))
+    config = small_config()
+    config.loss.lpips = 0.0
+    config.optim.batch_size = args.batch_size
+    config.optim.steps = args.avatar_steps
+    config.optim.warmup_steps = 0
+    config.estimator_optim.steps = args.estimator_steps
+    config.estimator_optim.warmup_steps = 0
+    return config
 
 
 def share_programs_on_cpu() -> None:
@@ -105,19 +99,31 @@ def log(message: str) -> None:
     print(f"[process {jax.process_index()}] {message}", file=sys.stderr, flush=True)
 
 
+def replicate(tree, sharding):
+    """Host arrays as global arrays of a replicated sharding, without a collective."""
+    import jax
+    import numpy as np
+
+    def put(x):
+        x = np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", required=True, help="folder of save_initial_state")
-    parser.add_argument("--data", required=True, help="the tiny dataset folder")
-    parser.add_argument("--out", required=True, help="JSON file of this process's losses")
+    parser.add_argument("--data", required=True, help="the synthetic dataset folder")
+    parser.add_argument("--out", required=True, help="JSON file of this process's metrics")
     parser.add_argument("--coordinator_address", default=None)
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--data_processes", type=int, default=2,
                         help="pipeline processes whose rows a single process reads")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--estimator_steps", type=int, default=1)
+    parser.add_argument("--avatar_steps", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=0.5)
+    parser.add_argument("--capacity", type=int, default=CAPACITY)
     return parser.parse_args(argv)
 
 
@@ -129,10 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
+    from absl import flags
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
 
+    flags.FLAGS.mark_as_parsed()
     if jax.process_count() > 1:  # process 0 compiles, the others receive its program
         share_programs_on_cpu()
     cache = os.environ.get("UIKA_TEST_CACHE_DIR", DEFAULT_CACHE)
@@ -141,30 +149,42 @@ def main(argv: list[str] | None = None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from uika_jax.config import load_config
     from uika_jax.data.global_batches import GlobalBatchIterator
-    from uika_jax.data.pipeline import Pipeline, PipelineConfig
-    from uika_jax.models.avatar import UIKA
-    from uika_jax.sharding import logical_rules, make_mesh, state_shardings
-    from uika_jax.training.losses import offset_regularizer
+    from uika_jax.data.pipeline import Pipeline
+    from uika_jax.models.avatar import UIKA, build_head
+    from uika_jax.models.gaussians import mean_anchor_spacing
+    from uika_jax.render import RasterConfig
+    from uika_jax.sharding import logical_rules, make_mesh
+    from uika_jax.training import train_state as ts
+    from uika_jax.training.run_data import pipeline_config
+    from uika_jax.training.step import StepAssets, make_train_step
 
-    config = load_config(CONFIG)
+    config = run_config(args)
+    total = ts.total_steps(config)
     mesh = make_mesh(config.sharding.mesh_shape)
     rules = logical_rules(config)
-    pipeline_config = PipelineConfig(
-        image_size=config.model.image_size,
-        num_drive=config.model.num_drive,
-        global_batch_size=args.batch_size,
-        buckets=(1,),  # one shape: one compilation
-        read_threads=0,
-        prefetch_batches=1,
+    replicated = NamedSharding(mesh, PartitionSpec())
+    head, anchors = build_head(config)
+    spacing = mean_anchor_spacing(np.asarray(anchors.positions))
+    seed = int(config.train.seed)
+
+    def make_model() -> UIKA:
+        return UIKA.from_config(config, rngs=nnx.Rngs(seed), anchor_spacing=spacing)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
+    assets = replicate(StepAssets(head, anchors, None), replicated)
+    raster = RasterConfig(capacity=args.capacity, warn_on_overflow=False)
+
+    data_config = dataclasses.replace(
+        pipeline_config(config, [1.0], total), workers=0, read_threads=0, prefetch_batches=1
     )
+    opened = dict(fingerprint=str(head.fingerprint), mesh=mesh, rules=rules)
     if jax.process_count() > 1:
-        batches = iter(Pipeline.open([args.data], pipeline_config, mesh=mesh, rules=rules))
+        batches = iter(Pipeline.open([args.data], data_config, **opened))
     else:  # the reference: every pipeline process's rows, read here and put together
         parts = [
             Pipeline.open(
-                [args.data], pipeline_config, mesh=mesh, rules=rules,
+                [args.data], data_config, **opened,
                 process_index=p, process_count=args.data_processes,
             ).local_iterator()
             for p in range(args.data_processes)
@@ -175,58 +195,37 @@ def main(argv: list[str] | None = None) -> None:
         )
         batches = GlobalBatchIterator(together, mesh, rules, args.batch_size, args.batch_size)
 
-    init = Path(args.init)
-    _, anchors = pickle.loads((init / "head.pkl").read_bytes())
-    anchors = jax.tree.map(jnp.asarray, anchors)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_model(UIKA, config, anchors)))
-    with np.load(init / "state.npz") as stored:
-        leaves = [stored[f"arr_{i}"] for i in range(len(stored.files))]
-    shardings = state_shardings(abstract, mesh, rules)
-    state = jax.tree.unflatten(
-        jax.tree.structure(abstract),
-        [
-            jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])
-            for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
-        ],
-    )
-    params, rest = nnx.split_state(state, nnx.Param, ...)
-
-    def loss_fn(params, rest, batch):
-        avatar = nnx.merge(graphdef, params, rest)
-        gaussians = avatar(batch["source_image"], batch["view_mask"], anchors).gaussians
-        # Each sample's target colour: the mean colour of its target frames' heads.
-        mask = batch["target_mask"][..., None]
-        target = jnp.sum(batch["target_image"] * mask, axis=(1, 2, 3)) / (
-            jnp.sum(mask, axis=(1, 2, 3)) + 1e-6
-        )
-        colour = jnp.mean(jnp.square(gaussians.colors - target[:, None]))
-        return colour + 0.1 * offset_regularizer(gaussians.offsets)
-
-    @jax.jit
-    def step(params, rest, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
-        params = jax.tree.map(lambda p, g: p - args.learning_rate * g, params, grads)
-        return params, loss
-
+    stage = ts.stage_of_step(config, 0)
+    state, shardings = ts.init_state(make_model, stage, ts.optimizer_of(config, stage), mesh, rules)
     setup = time.perf_counter() - start
     log(f"set up in {setup:.1f} s")
-    losses = []
+    steps = []
     with jax.set_mesh(mesh):
-        batch = next(batches)
-        compiled = step.lower(params, rest, batch).compile()
-        log(f"compiled at {time.perf_counter() - start:.1f} s")
-        # Every process has its program: the first collective now comes at once.
-        distributed.barrier("multihost_worker: compiled")
-        for i in range(args.steps):
-            params, loss = compiled(params, rest, batch if i == 0 else next(batches))
-            losses.append(float(loss))
-            log(f"step {i}: loss {losses[-1]} at {time.perf_counter() - start:.1f} s")
+        for step in range(total):
+            batch = next(batches)
+            if step == ts.stage_range(config, ts.STAGES[0])[1]:  # as loop.py: restage
+                stage = ts.stage_of_step(config, step)
+                tx = ts.optimizer_of(config, stage)
+                state, shardings = ts.restage(state, graphdef, stage, tx, mesh, rules)
+            if step == ts.stage_range(config, stage)[0]:
+                jitted = jax.jit(
+                    make_train_step(config, graphdef, stage, raster, None),
+                    donate_argnums=0,
+                    out_shardings=(shardings, replicated),
+                )
+                train_step = jitted.lower(state, batch, assets).compile()
+                log(f"{stage} step compiled at {time.perf_counter() - start:.1f} s")
+                # Every process has its program: the first collective now comes at once.
+                distributed.barrier(f"multihost_worker: {stage} step compiled")
+            state, metrics = train_step(state, batch, assets)
+            steps.append({"stage": stage, **{k: float(v) for k, v in metrics.items()}})
+            log(f"step {step} ({stage}): {steps[-1]} at {time.perf_counter() - start:.1f} s")
     result = {
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),
-        "losses": losses,
+        "steps": steps,
         "setup_seconds": setup,
         "seconds": time.perf_counter() - start,
     }

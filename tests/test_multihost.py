@@ -1,11 +1,13 @@
 """Multi-host training on one machine: 2 processes x 2 CPU devices agree with 1 x 4.
 
-`tests/multihost_worker.py` runs a few sharded SGD steps of the tiny UIKA on the
-global batches of the data pipeline. Two local processes (gloo CPU collectives,
-`uika_jax.training.distributed.initialize`, two fake CPU devices each) must report
-the same global losses as each other and as one process with four devices reading
-the same rows. The flags and environment of `distributed.initialize` are checked
-without starting anything.
+`tests/multihost_worker.py` runs the real train step (`make_train_step`, jitted as the
+training loop jits it) of the small network-test UIKA on the global batches of the data
+pipeline: one estimator step, the restage, two avatar steps. Two local processes (gloo
+CPU collectives, `uika_jax.training.distributed.initialize`, two fake CPU devices each)
+must report the same metrics as each other, and the loss and gradient norm of one
+process with four devices reading the same rows, to float32 reduction order (1e-5
+relative). The flags and environment of `distributed.initialize` are checked without
+starting anything.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import tiny_index, write_tiny_dataset
+from network_fixtures import FAST_COMPILE
 
+from uika_jax.synthetic.dataset import SynthConfig, generate
 from uika_jax.training import distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from multihost_worker import DEFAULT_CACHE, save_initial_state
+from multihost_worker import DEFAULT_CACHE, SYNTHETIC
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT = 300  # seconds for all processes; a hang (a process waiting for its peer) fails
+ESTIMATOR_STEPS, AVATAR_STEPS = 1, 2
 
 
 def free_port() -> int:
@@ -42,7 +46,10 @@ def launch(args: list[str], devices: int, out: Path, cache: str) -> subprocess.P
     env.update(
         UIKA_TEST_CACHE_DIR=cache,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=" ".join(
+            [f"--xla_force_host_platform_device_count={devices}"]
+            + [f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items()]
+        ),
         PYTHONPATH=str(WORKER.parents[1]),
     )
     log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process
@@ -78,10 +85,10 @@ def finish(processes: dict[Path, subprocess.Popen]) -> list[dict]:
 
 
 def test_two_processes_see_the_losses_of_one(tmp_path):
-    data = tmp_path / "tiny"
-    write_tiny_dataset(data, tiny_index(subjects=("a", "b"), frames=3, cameras=("front", "left")))
-    save_initial_state(tmp_path / "init")
-    common = ["--init", str(tmp_path / "init"), "--data", str(data), "--steps", "3"]
+    data = tmp_path / "synthetic"
+    generate(data, SynthConfig(**SYNTHETIC), progress=False)
+    common = ["--data", str(data), "--estimator_steps", str(ESTIMATOR_STEPS)]
+    common += ["--avatar_steps", str(AVATAR_STEPS)]
     cache = os.environ.get("UIKA_TEST_CACHE_DIR", DEFAULT_CACHE)
     address = f"127.0.0.1:{free_port()}"
     processes = {}
@@ -97,10 +104,20 @@ def test_two_processes_see_the_losses_of_one(tmp_path):
         assert (result["process_index"], result["process_count"]) == (i, 2)
         assert (result["device_count"], result["local_device_count"]) == (4, 2)
     assert (single["process_count"], single["device_count"]) == (1, 4)
-    assert first["losses"] == second["losses"], "every process sees the same global loss"
-    np.testing.assert_allclose(first["losses"], single["losses"], rtol=1e-5)
-    assert len(set(first["losses"])) == 3, "the loss changes from step to step"
-    assert all(np.isfinite(first["losses"]))
+    assert first["steps"] == second["steps"], "every process sees the same global metrics"
+    stages = ["estimator"] * ESTIMATOR_STEPS + ["avatar"] * AVATAR_STEPS
+    for result in (first, single):
+        assert [s["stage"] for s in result["steps"]] == stages
+    for key in ("loss", "grad_norm"):
+        got, want = ([s[key] for s in r["steps"]] for r in (first, single))
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+        assert all(np.isfinite(got)) and min(got) > 0, (key, got)
+    losses = [s["loss"] for s in first["steps"]]
+    assert len(set(losses)) == len(stages), f"the loss changes from step to step: {losses}"
+    for s in first["steps"]:
+        assert s["skipped_updates"] == 0, s
+    for s in first["steps"][ESTIMATOR_STEPS:]:
+        assert s["raster/dropped"] == 0, f"the rasterizer overflowed: {s}"
 
 
 @pytest.fixture
