@@ -182,6 +182,19 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
     return jax.tree.map(put, batch)
 
 
+def to_host(x: Any) -> np.ndarray:
+    """An array's whole value as NumPy on every process.
+
+    A global array spread over several processes is gathered; anything else is
+    converted as it is.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def sharded_fraction(shardings: Any, state: Any) -> dict[str, float]:
     """Per leaf path: the fraction of the array each device holds (1.0: replicated)."""
     out = {}

@@ -13,6 +13,7 @@ and `CheckpointRestore` (orbax), which save one file per process beside the mode
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grain
 import jax
@@ -26,7 +27,8 @@ UINT8_KEYS = ("source_image", "source_mask", "target_image", "target_mask")
 
 
 @jax.jit
-def _to_unit_float(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def to_unit_float(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its uint8 images and masks (`UINT8_KEYS`) as float32 in [0, 1]."""
     return {k: v.astype(jnp.float32) / 255.0 if k in UINT8_KEYS else v for k, v in batch.items()}
 
 
@@ -88,7 +90,7 @@ class GlobalBatchIterator:
             shape = (self.global_batch_size, *value.shape[1:])
             sharding = batch_sharding(self._mesh, self._rules, shape)
             arrays[key] = jax.make_array_from_process_local_data(sharding, value, shape)
-        return _to_unit_float(arrays)
+        return to_unit_float(arrays)
 
     def get_state(self) -> bytes:
         """The position, as JSON bytes."""

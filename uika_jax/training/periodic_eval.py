@@ -34,11 +34,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from uika_jax import sharding
-from uika_jax.data.global_batches import UINT8_KEYS
+from uika_jax.data.global_batches import to_unit_float
 from uika_jax.data.pipeline import PipelineConfig, SamplePlan, SampleReader
 from uika_jax.data.sampling import build_catalogue, draw_frames, stream_rng
 from uika_jax.evaluation.image_metrics import head_region_metrics
@@ -137,24 +136,13 @@ class EvalSet:
 
 
 def _stack(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    out = {}
-    for key in samples[0]:
-        stacked = np.stack([s[key] for s in samples])
-        out[key] = stacked.astype(np.float32) / 255.0 if key in UINT8_KEYS else stacked
-    return out
+    return to_unit_float({key: np.stack([s[key] for s in samples]) for key in samples[0]})
 
 
 def _other_sources(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The batch with each sample's sources replaced by the next sample's."""
     keys = ("source_image", "source_mask", "source_uv", "source_uv_valid", "view_mask")
     return {**batch, **{k: jnp.roll(batch[k], 1, axis=0) for k in keys}}
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A global array's value on every process (gathered when other hosts hold parts)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _estimator_errors(
@@ -261,7 +249,7 @@ class Evaluator:
                     pictures = {
                         "sources": first["source_image"],
                         "source_mask": first["view_mask"],
-                        "prediction": _to_host(images),
+                        "prediction": sharding.to_host(images),
                         "ground_truth": self._composited_targets(first),
                     }
         count = float(self.eval_set.weights.sum())

@@ -12,17 +12,16 @@ count is still checked every step (`raster/dropped` in the metrics).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
+from uika_jax import sharding
 from uika_jax.head.anchors import Anchors
 from uika_jax.head.model import HeadModel
 from uika_jax.models.avatar import drive
@@ -38,13 +37,6 @@ _CAMERA_KEYS = (
 
 OPAQUE_LOGIT = 10.0
 """Opacity logit of the calibration's Gaussians (opacity 0.99995: the widest radii)."""
-
-
-def _on_every_process(x: Any) -> np.ndarray:
-    """A batch array's whole value on every process (so all size the same capacity)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def largest_gaussians(anchors: Anchors, batch_size: int, max_scale: float) -> CanonicalGaussians:
@@ -86,11 +78,8 @@ def raster_config(
     r = config.render
     base = RasterConfig(backend=r.backend, tile_cap=r.tile_cap, warn_on_overflow=False)
     if r.capacity is not None:
-        return RasterConfig(
-            backend=r.backend, capacity=int(r.capacity), tile_cap=r.tile_cap,
-            warn_on_overflow=False,
-        )  # fmt: skip
-    batch = {k: jnp.asarray(_on_every_process(batch[k])) for k in _CAMERA_KEYS}
+        return dataclasses.replace(base, capacity=int(r.capacity))
+    batch = {k: jnp.asarray(sharding.to_host(batch[k])) for k in _CAMERA_KEYS}
     b = batch["target_pose"].shape[0]
     gaussians = largest_gaussians(anchors, b, float(config.model.gaussians.max_scale))
     posed = drive(head, anchors, gaussians, target_params(batch))

@@ -3,11 +3,12 @@
 A config's `data` block names the sources:
 
     synthetic_path, synthetic_weight   the synthetic dataset (`uika synth`); when its
-                                       weight is above 0 and the folder holds no finished
-                                       dataset, `prepare_sources` generates it from
-                                       `data.synthetic` (identities, views, sequences,
-                                       frames, size, seed, ...: `SynthConfig` fields),
-                                       or finishes one an interrupted run left
+                                       weight is above 0, `prepare_sources` generates it
+                                       from `data.synthetic` (identities, views,
+                                       sequences, frames, size, seed, ...: `SynthConfig`
+                                       fields) where frames are missing, so it also
+                                       finishes one an interrupted run left, and refuses
+                                       a folder made with other settings
     real_paths, real_weights           folders of the dataset format or `uika pack`
                                        shard sets, with their mixing weights
 
@@ -24,27 +25,12 @@ from absl import logging
 
 from uika_jax import sharding
 from uika_jax.data.augment import AugmentConfig
-from uika_jax.data.format import INDEX_FILE
 from uika_jax.data.pipeline import Pipeline, PipelineConfig
 from uika_jax.synthetic.dataset import SynthConfig, generate
 from uika_jax.training import distributed
 
 DATA_WAIT_SECONDS = 24 * 3600.0
 """How long the other processes wait for process 0 to generate the synthetic dataset."""
-
-
-def _synthetic_finished(path: Path, config: SynthConfig) -> bool:
-    from uika_jax.data.format import load_index
-    from uika_jax.data.writer import sequence_complete
-
-    if not (path / INDEX_FILE).is_file():
-        return False
-    index = load_index(path)
-    return len(index.subjects) == config.identities and all(
-        sequence_complete(path, index, subject.id, sequence)
-        for subject in index.subjects
-        for sequence in subject.sequences
-    )
 
 
 def prepare_sources(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
@@ -70,8 +56,9 @@ def prepare_sources(config: ml_collections.ConfigDict) -> tuple[list[str], list[
     if float(d.synthetic_weight) > 0:
         path = Path(d.synthetic_path)
         synth = SynthConfig(**dict(d.synthetic))
-        if jax.process_index() == 0 and not _synthetic_finished(path, synth):
-            logging.info("generating the synthetic dataset in %s (%s)", path, synth)
+        if jax.process_index() == 0:
+            # Renders only what is missing; refuses a folder made with other settings.
+            logging.info("synthetic dataset in %s (%s)", path, synth)
             path.parent.mkdir(parents=True, exist_ok=True)
             generate(path, synth, progress=True)
         distributed.barrier("synthetic dataset ready", timeout_s=DATA_WAIT_SECONDS)

@@ -166,11 +166,13 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-_TOTALS = frozenset({"raster/isects", "raster/dropped", "raster/overflow_frames"})
-"""Metrics that are maxima or counts over a step's micro-batches, not means."""
-
-_COMBINE = {"raster/isects": jnp.maximum}
-"""How micro-batches combine a metric (default: summed, then means divided by the count)."""
+_NOT_MEANS = {
+    "raster/isects": jnp.maximum,
+    "raster/dropped": jnp.add,
+    "raster/overflow_frames": jnp.add,
+}
+"""Metrics that are maxima or counts over a step's micro-batches, and how they combine;
+every other metric is summed over the micro-batches and divided by their number."""
 
 
 def _raster_metrics(meta: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -271,7 +273,10 @@ def make_train_step(
                 total_loss, total_metrics, total_grads = total
                 return (
                     total_loss + loss,
-                    {k: _COMBINE.get(k, jnp.add)(total_metrics[k], v) for k, v in metrics.items()},
+                    {
+                        k: _NOT_MEANS.get(k, jnp.add)(total_metrics[k], v)
+                        for k, v in metrics.items()
+                    },
                     jax.tree.map(jnp.add, total_grads, grads),
                 ), None
 
@@ -289,7 +294,7 @@ def make_train_step(
                 accumulate, zeros, _micro_batches(batch, micro)
             )
             loss, grads = loss / micro, jax.tree.map(lambda g: g / micro, grads)
-            metrics = {k: v if k in _TOTALS else v / micro for k, v in metrics.items()}
+            metrics = {k: v if k in _NOT_MEANS else v / micro for k, v in metrics.items()}
         # A non-finite loss poisons the gradient so the optimizer skips the update.
         finite = jnp.isfinite(loss)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
