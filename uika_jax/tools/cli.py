@@ -3,31 +3,42 @@
     uika check DIR [--head-model builtin|PATH] [--params-only]
     uika synth --out DIR --identities N ...
 
-Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`
-(the exit status) and a module docstring whose first line is its help.
+Each subcommand is a module of `uika_jax.tools` that defines `add_arguments(parser)`
+and `run(args) -> int` (the exit status), named as the command with "-" for "_"
+(`import_vhap.py` is `uika import-vhap`); its docstring's first line is its help.
+Modules without these two functions (shared helpers) are not commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
+from types import ModuleType
 
-SUBCOMMANDS = {
-    "check": "uika_jax.tools.check",
-    "import-vhap": "uika_jax.tools.import_vhap",
-    "pack": "uika_jax.tools.pack",
-    "sheet": "uika_jax.tools.sheet",
-    "synth": "uika_jax.tools.synth",
-}
+import uika_jax.tools
+
+
+def subcommands() -> dict[str, ModuleType]:
+    """Command name -> module, for every subcommand module in `uika_jax.tools`."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(uika_jax.tools.__path__), key=lambda i: i.name):
+        if info.name == "cli":
+            continue
+        module = importlib.import_module(f"uika_jax.tools.{info.name}")
+        if callable(getattr(module, "add_arguments", None)) and callable(
+            getattr(module, "run", None)
+        ):
+            found[info.name.replace("_", "-")] = module
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="uika", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, module in subcommands().items():
         doc = module.__doc__ or name
         sub = commands.add_parser(
             name,
