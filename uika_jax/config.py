@@ -1,4 +1,4 @@
-"""Loading the `configs/*.py` files outside absl flags: `load_config("configs/tiny.py:arg")`.
+"""Config files outside absl flags (`load_config("configs/tiny.py:arg")`) and dotted keys.
 
 A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`; the part of the
 spec after the first ':' is passed as `arg` (the `ml_collections.config_flags`
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -37,3 +39,12 @@ def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
     if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"{file}: defines no get_config(arg=None)")
     return module.get_config(arg or None)
+
+
+def flat_items(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, leaf) pairs of nested mappings, e.g. ("model.vit.dim", 48)."""
+    if not isinstance(tree, Mapping):
+        yield prefix, tree
+        return
+    for key, value in tree.items():
+        yield from flat_items(value, f"{prefix}.{key}" if prefix else str(key))

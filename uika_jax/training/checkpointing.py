@@ -175,6 +175,29 @@ class Checkpointer:
         """The steps kept, ascending."""
         return sorted(self._manager.all_steps())
 
+    def saved_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config saved with the newest (or a given) checkpoint, as JSON values.
+
+        Raises:
+          FileNotFoundError: if there is no checkpoint (of that step).
+        """
+        step = self._existing_step(step)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
+        )
+        return restored[CONFIG]
+
+    def _existing_step(self, step: int | None) -> int:
+        """`step`, or the newest when None; refused when no such checkpoint is kept."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint {step} in {self.directory} (kept: {self.all_steps()})"
+            )
+        return step
+
     def restore(
         self, target: Any, *, step: int | None = None, data_iterator: Any | None = None
     ) -> Restored:
@@ -194,13 +217,7 @@ class Checkpointer:
           CheckpointMismatchError: on another head model's checkpoint, or a state whose
             tree, shapes or dtypes differ from the target's (naming the first difference).
         """
-        step = self.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {step} in {self.directory} (kept: {self.all_steps()})"
-            )
+        step = self._existing_step(step)
         origin = f"checkpoint {self.directory / str(step)}"
         meta = self._manager.restore(
             step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})

@@ -48,6 +48,7 @@ import tensorboardX
 import tqdm
 from PIL import Image
 
+from uika_jax.config import flat_items
 from uika_jax.safe_files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -58,16 +59,6 @@ PADDED_VIEW_GREY = 0.5
 """Value every pixel of a padded (absent) source view gets in an image grid."""
 GRID_SEPARATOR = 2
 """Pixels of white between the cells of an image grid."""
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {dotted key: leaf}."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def write_config(workdir: str | os.PathLike, config: Any, *, overwrite: bool = False) -> None:
@@ -88,8 +79,8 @@ def write_config(workdir: str | os.PathLike, config: Any, *, overwrite: bool = F
         text = json.dumps(config, sort_keys=True, indent=2)
     path = Path(workdir) / CONFIG_FILE
     if path.exists():
-        old = _flatten(json.loads(path.read_text(encoding="utf-8")))
-        new = _flatten(json.loads(text))
+        old = dict(flat_items(json.loads(path.read_text(encoding="utf-8"))))
+        new = dict(flat_items(json.loads(text)))
         differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if not differing:
             return
