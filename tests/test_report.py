@@ -10,6 +10,7 @@ import pytest
 
 from uika_jax.evaluation import grids, report, scaling_plot
 from uika_jax.training.metrics_log import GRID_SEPARATOR, PADDED_VIEW_GREY
+from uika_jax.video import read_video_frames, write_video
 
 
 def _rows():
@@ -198,9 +199,36 @@ def test_scaling_table_and_psnr_sentence_state_the_sign(tmp_path):
     assert fall.startswith("PSNR(4) - PSNR(1) = -0.50 dB: quality falls")
     assert "contrary" in fall
     assert "cannot be stated" in scaling_plot.psnr_change_sentence(views, [None, 1.0, 2.0])
+    rows = [
+        report.ProtocolResult(f"N={n}", ("a", "b", "c"), {"psnr": [p] * 3}, {"psnr": "MSE"})
+        for n, p in zip(views, [20.0, 20.5, 21.25], strict=True)
+    ]
     png, markdown = scaling_plot.write_scaling_report(
-        tmp_path, views, {"psnr": [20.0, 20.5, 21.25]}, width=400, height=200
+        tmp_path, views, {"psnr": [20.0, 20.5, 21.25]}, rows=rows, width=400, height=200
     )
     text = markdown.read_text(encoding="utf-8")
-    assert rise in text and "| 4 | 21.25 |" in text and png.name in text
+    assert rise in text and "| 4 | 3 | 21.25 |" in text and png.name in text
+    assert "| N | samples | PSNR ↑ |" in text and "- PSNR ↑: MSE." in text
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+# ffmpeg runs as a subprocess (fork + exec at once): JAX's fork warning does not apply.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+def test_sequence_video_frames_show_prediction_truth_and_error(tmp_path):
+    h, w, s = 16, 20, GRID_SEPARATOR
+    prediction = _constant((0.2, 0.4, 0.6), (3, h, w))
+    truth = prediction.copy()
+    truth[2] = 0.0
+    frames = list(grids.sequence_frames(prediction, truth))
+    assert len(frames) == 3 and frames[0].shape == (h + 2 * s, 3 * (w + s) + s, 3)
+    np.testing.assert_array_equal(frames[0][s + 5, 2 * (w + s) + s + 5], [0, 0, 4])
+    np.testing.assert_array_equal(frames[2][s + 5, w + 2 * s + 5], [0, 0, 0])
+    assert frames[2][s + 5, 2 * (w + s) + s + 5].sum() > 600  # saturated error: light yellow
+    alone = next(grids.sequence_frames(prediction))
+    assert alone.shape == (h + 2 * s, w + 2 * s, 3)
+    path = tmp_path / "sequence.mp4"
+    assert write_video(path, grids.sequence_frames(prediction, truth), fps=5) == 3
+    decoded = read_video_frames(path)
+    assert len(decoded) == 3 and decoded[0].shape == frames[0].shape
+    # Lossy, but the prediction panel's colour survives the encoder.
+    assert np.abs(decoded[0][s + 8, s + 10].astype(int) - [51, 102, 153]).max() < 12

@@ -249,8 +249,11 @@ def _cell(result: ProtocolResult, metric: str) -> str:
     return "n/a" if mean is None else f"{mean:.{metric_spec(metric).decimals}f}"
 
 
-def _footnote_line(results: Sequence[ProtocolResult], metric: str) -> str:
-    """`- PSNR ↑: backend; detection rate: row 95% (38/40), ...` for one column."""
+def footnote_line(results: Sequence[ProtocolResult], metric: str) -> str:
+    """A table's footnote line for one column: backend, rows' detection rates, rows lacking it.
+
+    `- CSIM ↑: dlib ResNet embedding; detection rate: self 95.0% (38/40 scored).`
+    """
     spec = metric_spec(metric)
     backends: dict[str, list[str]] = {}
     for r in results:
@@ -304,7 +307,7 @@ def markdown_table(
             "| " + " | ".join([r.name.replace("|", "\\|")] + [_cell(r, m) for m in columns]) + " |"
         )
     lines += ["", HEAD_REGION_NOTE, ""]
-    lines += [_footnote_line(results, m) for m in columns]
+    lines += [footnote_line(results, m) for m in columns]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from uika_jax.evaluation.grids import write_png
-from uika_jax.evaluation.report import HEAD_REGION_NOTE, metric_spec
+from uika_jax.evaluation.report import HEAD_REGION_NOTE, ProtocolResult, footnote_line, metric_spec
 from uika_jax.safe_files import atomic_write
 
 FAMILIES = (
@@ -238,14 +238,27 @@ def scaling_plot(
     return np.asarray(image)
 
 
-def scaling_table(views: Sequence[int], metrics: Mapping[str, Sequence[float | None]]) -> str:
-    """The markdown table: one row per N, one column per metric (with arrows), n/a if missing."""
+def scaling_table(
+    views: Sequence[int],
+    metrics: Mapping[str, Sequence[float | None]],
+    samples: Sequence[int] | None = None,
+) -> str:
+    """The markdown table: one row per N, one column per metric (with arrows), n/a if missing.
+
+    Args:
+      views: the source-view counts, ascending.
+      metrics: metric name -> one mean per view count (None: not measured).
+      samples: the number of samples behind each row, shown as a column; None: no column.
+    """
     views, arrays = _series(views, metrics)
+    if samples is not None and len(samples) != len(views):
+        raise ValueError(f"{len(samples)} sample counts for {len(views)} view counts")
     names = [m for _, members in _panels(list(arrays)) for m in members]
-    lines = ["| N | " + " | ".join(metric_spec(m).header for m in names) + " |"]
-    lines.append("| ---: |" + " ---: |" * len(names))
+    extra = [] if samples is None else ["samples"]
+    lines = ["| N | " + " | ".join(extra + [metric_spec(m).header for m in names]) + " |"]
+    lines.append("| ---: |" + " ---: |" * (len(extra) + len(names)))
     for row, view in enumerate(views):
-        cells = []
+        cells = [] if samples is None else [str(int(samples[row]))]
         for name in names:
             value = arrays[name][row]
             cells.append(
@@ -279,23 +292,39 @@ def write_scaling_report(
     views: Sequence[int],
     metrics: Mapping[str, Sequence[float | None]],
     *,
+    rows: Sequence[ProtocolResult] | None = None,
     stem: str = "view_scaling",
     width: int = 1200,
     height: int = 400,
 ) -> tuple[Path, Path]:
     """Writes `<stem>.png` (the plot) and `<stem>.md` (table, PSNR sentence, region note).
 
+    Args:
+      folder: the output folder (must exist).
+      views: the source-view counts, ascending.
+      metrics: metric name -> one mean per view count (None: not measured).
+      rows: the per-N results the means came from, one per view count; when given, the
+        table gets a samples column and the footnote names each metric's backend.
+      stem: the files' name without extension.
+      width: the plot's width in pixels.
+      height: the plot's height in pixels.
+
     Returns:
       (png path, markdown path), both written atomically.
     """
     folder = Path(folder)
+    samples = None if rows is None else [len(r.sample_ids) for r in rows]
+    table = scaling_table(views, metrics, samples)
     png = write_png(
         folder / f"{stem}.png", scaling_plot(views, metrics, width=width, height=height)
     )
-    parts = ["## Quality against the number of source views", "", scaling_table(views, metrics)]
+    parts = ["## Quality against the number of source views", "", table]
     if "psnr" in metrics:
         parts += [psnr_change_sentence(views, metrics["psnr"]), ""]
-    parts += [HEAD_REGION_NOTE, "", f"![metrics against N]({png.name})", ""]
+    parts += [HEAD_REGION_NOTE, ""]
+    if rows is not None:
+        parts += [footnote_line(rows, m) for m in metrics] + [""]
+    parts += [f"![metrics against N]({png.name})", ""]
     markdown = folder / f"{stem}.md"
     with atomic_write(markdown) as f:
         f.write("\n".join(parts).encode("utf-8"))
