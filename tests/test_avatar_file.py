@@ -155,3 +155,21 @@ def test_pickled_member_refused(good, tmp_path):
     members["config_json"] = np.array([{"head": {}}], dtype=object)
     np.savez(tmp_path / "pickled.npz", **members)
     _refused(tmp_path / "pickled.npz")
+
+
+def test_texels_outside_the_uv_map(good, tmp_path):
+    """A texel with one negative coordinate (it would index from the end) is refused."""
+    texels = _members(good[0])["anchor_texels"].copy()
+    texels[5] = (texels[5, 0], -1)
+    _rewrite(good[0], tmp_path / "texels.npz", anchor_texels=texels)
+    _refused(tmp_path / "texels.npz", "texels")
+    texels[5] = (48, 0)
+    _rewrite(good[0], tmp_path / "row.npz", anchor_texels=texels)
+    _refused(tmp_path / "row.npz", "texels")
+
+
+def test_non_integer_scalars(good, tmp_path):
+    _rewrite(good[0], tmp_path / "side.npz", anchor_uv_resolution=np.asarray(np.nan))
+    _refused(tmp_path / "side.npz", "anchor_uv_resolution")
+    _rewrite(good[0], tmp_path / "version.npz", version=np.asarray(1.5))
+    _refused(tmp_path / "version.npz", "version")

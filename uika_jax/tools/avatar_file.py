@@ -258,6 +258,9 @@ def read_avatar(path: str | os.PathLike) -> Avatar:
         if name not in got:
             raise AvatarFileError(f"{origin}: not an avatar file (no member {name!r})")
         arrays[name] = got[name]
+    for name in ("version", "anchor_uv_resolution"):
+        if arrays[name].dtype.kind not in "iu":
+            raise AvatarFileError(f"{origin}: {name} is {arrays[name].dtype}, not integer")
     if str(arrays["format"]) != FORMAT or int(arrays["version"]) != VERSION:
         raise AvatarFileError(
             f"{origin}: format {str(arrays['format'])!r} version {int(arrays['version'])}, "
@@ -323,5 +326,11 @@ def _validate(avatar: Avatar, origin: str) -> None:
         raise AvatarFileError(f"{origin}: anchor barycentrics do not sum to one")
     side = a.uv_resolution
     made_from_uv = a.texels[:, 0] >= 0
-    if side < 0 or np.any(a.texels[made_from_uv] >= max(side, 0)) or np.any(a.texels < -1):
+    texels = a.texels[made_from_uv]
+    if (
+        side < 0
+        or np.any(texels < 0)
+        or np.any(texels >= side)
+        or np.any(a.texels[~made_from_uv] != -1)
+    ):
         raise AvatarFileError(f"{origin}: anchor texels outside the {side}^2 UV map")
