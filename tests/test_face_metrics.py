@@ -5,8 +5,10 @@ the `eval` extra; without them these tests skip, and under UIKA_REQUIRE_ORACLES=
 they fail. Renders are 256 px, shared by the module.
 """
 
+import dataclasses
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import require_oracle
@@ -14,6 +16,7 @@ from conftest import require_oracle
 from uika_jax.evaluation import face_metrics as fm
 from uika_jax.evaluation import face_models, head_pose
 from uika_jax.head.lbs import flame_forward
+from uika_jax.head.model import ModelFingerprint
 from uika_jax.synthetic.head import identity_coefficients, synthetic_head_model
 from uika_jax.synthetic.views import BACKGROUND, identity_camera, render_identity
 
@@ -144,15 +147,32 @@ def test_pnp_recovers_a_known_head_pose(landmark_points):
     )
 
 
-def test_apd_between_renders_yawed_apart_is_the_yaw(renders, dlib_models, landmark_points, model):
+def test_apd_between_renders_yawed_apart_is_the_yaw(tmp_path, renders, embedding, model):
+    """Through `build_face_backends` with a FLAME-layout file holding the measured embedding."""
+    np.savez(
+        tmp_path / "embedding.npz",
+        lmk_face_idx=embedding.face_ids,
+        lmk_b_coords=embedding.barycentrics,
+    )
+    backends = fm.build_face_backends(model, landmark_embedding=tmp_path / "embedding.npz")
     _, K = identity_camera(model, np.zeros(model.num_shape, np.float32), SIZE)
-    backends = fm.FaceBackends(dlib_models, points=landmark_points, pose_source="synthetic")
     predictions = np.stack([renders["turned"], renders["frontal"]])
     references = np.stack([renders["frontal"], renders["frontal"]])
     apd = fm.face_metrics(predictions, references, backends, K=K)["APD"]
-    assert "synthetic" in apd.backend and apd.unit == "degrees"
+    assert "embedding.npz" in apd.backend and apd.unit == "degrees"
     assert apd.values[0] == pytest.approx(YAW_DEG, abs=4.0)
     assert apd.values[1] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_build_face_backends_measures_the_synthetic_embedding_only_for_the_synthetic_head(
+    model, embedding, dlib_models
+):
+    backends = fm.build_face_backends(model)
+    np.testing.assert_allclose(backends.points, head_pose.landmark_points(embedding, model))
+    assert "synthetic head" in backends.pose_source
+    assert backends.identity is None and backends.expression is None
+    flame = dataclasses.replace(model, fingerprint=ModelFingerprint("flame2020", "0", "0"))
+    assert fm.build_face_backends(flame).points is None
 
 
 def test_the_synthetic_embedding_reprojects_onto_a_turned_head(
@@ -163,7 +183,7 @@ def test_the_synthetic_embedding_reprojects_onto_a_turned_head(
     shape = identity_coefficients(0, model.num_shape)
     zero_pose = np.zeros((5, 3), np.float32)
     expression = np.zeros(model.num_expression, np.float32)
-    vertices = np.asarray(flame_forward(model, shape, expression, zero_pose)[0])
+    vertices = np.asarray(jax.jit(flame_forward)(model, shape, expression, zero_pose)[0])
     points = embedding.points(vertices, model.faces)
     viewmat, K = identity_camera(model, shape, SIZE, YAW_DEG)
     camera_points = points @ viewmat[:3, :3].T + viewmat[:3, 3]

@@ -26,18 +26,33 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from uika_jax.evaluation.face_models import (
+    ARCFACE_INPUT,
     MIN_DETECTION_SIZE,
     DlibFaceModels,
     ExpressionRegressor,
     IdentityEncoder,
+    ImageInput,
+    OnnxArcFace,
+    OnnxExpressionRegressor,
     detection_image,
 )
-from uika_jax.evaluation.head_pose import rotation_angle_deg, solve_head_pose
+from uika_jax.evaluation.head_pose import (
+    landmark_points,
+    read_landmark_embedding,
+    rotation_angle_deg,
+    solve_head_pose,
+    synthetic_landmark_embedding,
+)
+from uika_jax.head.model import HeadModel
 from uika_jax.render.camera import DEFAULT_FOV_DEG, focal_from_fov
+
+POSE_BACKEND = "PnP (OpenCV) on dlib 68-point"
+"""APD's backend name (the 3D points' source is appended)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +129,7 @@ class FaceMetric:
         return {
             "name": self.name,
             "backend": self.backend,
+            "available": self.available,
             "mean": self.mean,
             "unit": self.unit,
             "better": "higher" if self.higher_is_better else "lower",
@@ -230,7 +246,7 @@ def apd(
     references: Sequence[FaceObservation | None],
     points: np.ndarray | None,
     K: np.ndarray,
-    backend: str = "PnP (OpenCV) on dlib 68-point",
+    backend: str = POSE_BACKEND,
 ) -> FaceMetric:
     """APD: angle (degrees) between the head poses solved by PnP, per pair.
 
@@ -300,6 +316,52 @@ class FaceBackends:
     min_size: int = MIN_DETECTION_SIZE
 
 
+def build_face_backends(
+    model: HeadModel | None = None,
+    *,
+    landmark_embedding: str | Path | None = None,
+    arcface: str | Path | None = None,
+    arcface_input: ImageInput = ARCFACE_INPUT,
+    expression: str | Path | None = None,
+    min_size: int = MIN_DETECTION_SIZE,
+) -> FaceBackends:
+    """Assembles the backends from the user's files, with the offline defaults elsewhere.
+
+    Args:
+      model: the head model the evaluated avatars use (APD's 3D points live on its
+        template); None reports APD as n/a.
+      landmark_embedding: the model's 68-landmark embedding file (FLAME / DECA layouts,
+        `head_pose.read_landmark_embedding`); None measures one on the built-in
+        synthetic head (`head_pose.synthetic_landmark_embedding`: one render and one
+        detection) and, for any other model, reports APD as n/a.
+      arcface: an ArcFace ONNX file for CSIM; None uses dlib's ResNet embedding.
+      arcface_input: its input layout and normalisation.
+      expression: an ONNX expression regressor for AED; None reports AED as n/a.
+      min_size: shorter side images are upsampled to before detection.
+
+    Raises:
+      FaceBackendError: if dlib or face-recognition-models (or onnxruntime, for a
+        given ONNX file) is missing.
+      FileNotFoundError, ValueError: a missing or malformed user file.
+    """
+    models = DlibFaceModels()
+    points, pose_source = None, ""
+    if model is not None and landmark_embedding is not None:
+        embedding = read_landmark_embedding(landmark_embedding)
+        points, pose_source = landmark_points(embedding, model), embedding.source
+    elif model is not None and model.fingerprint.source == "synthetic":
+        embedding = synthetic_landmark_embedding(model, models)
+        points, pose_source = landmark_points(embedding, model), embedding.source
+    return FaceBackends(
+        models,
+        identity=None if arcface is None else OnnxArcFace(arcface, arcface_input),
+        expression=None if expression is None else OnnxExpressionRegressor(expression),
+        points=points,
+        pose_source=pose_source,
+        min_size=min_size,
+    )
+
+
 def face_metrics(
     predictions: np.ndarray,
     motion_references: np.ndarray,
@@ -344,7 +406,7 @@ def face_metrics(
             )
         observed_i = observe_faces(identity_references, backends.models, backends.min_size)
     K = default_intrinsics(height, width) if K is None else np.asarray(K, np.float64)
-    pose_backend = "PnP (OpenCV) on dlib 68-point" + (
+    pose_backend = POSE_BACKEND + (
         f", 3D points: {backends.pose_source}" if backends.pose_source else ""
     )
     return {

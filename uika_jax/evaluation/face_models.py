@@ -138,12 +138,11 @@ class DlibFaceModels:
 
     Attributes:
       name: the identity backend's name in reports.
-      landmark_name: the landmark backend's name in reports.
+      landmark_name: the detector and landmark backend's name in reports.
     """
 
     name = "dlib ResNet-128 (face-recognition-models)"
-    landmark_name = "dlib 68-point (iBUG 300-W, non-commercial)"
-    detector_name = "dlib HOG frontal"
+    landmark_name = "dlib HOG detector + 68-point predictor (iBUG 300-W, non-commercial)"
 
     def __init__(self, upsample_times: int = 1) -> None:
         """Loads the models.
@@ -257,6 +256,13 @@ class ImageInput:
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if self.layout == "NCHW" else x)
 
 
+ARCFACE_INPUT = ImageInput()
+"""ArcFace's usual input: RGB, NCHW, (x - 127.5) / 127.5."""
+
+EXPRESSION_INPUT = ImageInput(mean=0.0, std=255.0)
+"""The expression regressor's default input: RGB, NCHW, x / 255."""
+
+
 class _OnnxImageModel:
     """An onnxruntime session with one image input of a fixed square size and one output."""
 
@@ -280,7 +286,8 @@ class _OnnxImageModel:
         channel_axis = 1 if image_input.layout == "NCHW" else 3
         declared = inputs[0].shape
         spatial = [declared[a] for a in range(1, 4) if a != channel_axis]
-        if declared[channel_axis] not in (3, None) and not isinstance(declared[channel_axis], str):
+        channels = declared[channel_axis]  # an int, or None / a name when dynamic
+        if isinstance(channels, int) and channels != 3:
             raise ValueError(
                 f"{path}: input {declared} has no 3 channels at axis {channel_axis} "
                 f"(layout {image_input.layout}; set the layout)"
@@ -306,7 +313,7 @@ class OnnxArcFace:
     """
 
     def __init__(
-        self, path: str | Path, image_input: ImageInput = ImageInput(), size: int = 112
+        self, path: str | Path, image_input: ImageInput = ARCFACE_INPUT, size: int = 112
     ) -> None:
         """Opens the model.
 
@@ -350,7 +357,7 @@ class OnnxExpressionRegressor:
         self,
         path: str | Path,
         size: int = 224,
-        image_input: ImageInput = ImageInput(mean=0.0, std=255.0),
+        image_input: ImageInput = EXPRESSION_INPUT,
         margin: float = 0.25,
     ) -> None:
         """Opens the model.
