@@ -114,7 +114,7 @@ def test_csim_is_one_for_the_same_image_and_lower_for_another_identity(renders, 
 
 @pytest.mark.parametrize("downsample", [1, 2])
 def test_akd_of_a_shifted_image_is_the_shift_in_input_pixels(renders, dlib_models, downsample):
-    import cv2
+    cv2 = require_oracle("cv2")
 
     image = renders["frontal"]
     if downsample > 1:  # a 128 px input: detection upsamples it, AKD is in 128 px units
@@ -128,7 +128,7 @@ def test_akd_of_a_shifted_image_is_the_shift_in_input_pixels(renders, dlib_model
 
 
 def test_pnp_recovers_a_known_head_pose(landmark_points):
-    import cv2
+    cv2 = require_oracle("cv2")
 
     rng = np.random.default_rng(0)
     K = fm.default_intrinsics(SIZE, SIZE)
@@ -265,7 +265,7 @@ def test_onnx_models_with_the_wrong_input_are_refused(tmp_path):
 
 
 def test_similarity_transform_matches_opencv():
-    import cv2
+    cv2 = require_oracle("cv2")
 
     rng = np.random.default_rng(1)
     source = rng.uniform(0, 200, (5, 2))
@@ -300,6 +300,7 @@ def test_aed_with_an_onnx_expression_regressor(tmp_path, renders, dlib_models):
 
 
 def test_detection_image_upsamples_to_256_and_refuses_bad_images():
+    require_oracle("cv2")
     image = np.full((100, 80, 3), 0.5, np.float32)
     upsampled, scale = face_models.detection_image(image)
     assert scale == 4.0 and upsampled.shape == (400, 320, 3) and upsampled.dtype == np.uint8
