@@ -495,16 +495,38 @@ def _ms(value: float) -> str:
     return f"{value:.3g}" if value < 10 else f"{value:.0f}"
 
 
+def device_line(device: dict, num_gaussians: int, image_size: int) -> str:
+    """One sentence naming the device, K and the image size, and how times are given."""
+    d = device
+    return (
+        f"Device: {d['name']} ({d['platform']}, {d['count']} device(s); host {d['host_cpu']}, "
+        f"{d['host_cores']} cores), jax {d['jax_version']}. K = {num_gaussians} Gaussians, "
+        f"{image_size}x{image_size} px. Times: median (min-max) over the timed calls after "
+        "warm-up; compilation apart."
+    )
+
+
+def driving_markdown(driving: DrivingSpeed) -> str:
+    """The driving table (LBS, LBS + render) and a line on the rasterizer's counts."""
+    v = driving
+    overflow = "none"
+    if v.isects_dropped or v.tiles_overflow:
+        overflow = f"{v.isects_dropped} intersections dropped, {v.tiles_overflow} tiles"
+    lines = [
+        "| driving (1 frame) | ms ↓ | FPS ↑ | compile, s |",
+        "|---|---:|---:|---:|",
+        f"| LBS | {v.lbs.spread()} | {1e3 / v.lbs.median_ms:.0f} | {v.lbs.compile_s:.1f} |",
+        f"| LBS + render | {v.frame.spread()} | {v.fps:.1f} | {v.frame.compile_s:.1f} |",
+        "",
+        f"Rasterizer: backend {v.backend}, {v.n_isects} tile intersections "
+        f"(capacity {v.capacity}), overflow: {overflow}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def speed_markdown(report: SpeedReport) -> str:
     """The report as markdown: a device line, reconstruction and driving tables."""
-    d = report.device
-    lines = [
-        f"Device: {d['name']} ({d['platform']}, {d['count']} device(s); host {d['host_cpu']}, "
-        f"{d['host_cores']} cores), jax {d['jax_version']}. K = {report.num_gaussians} "
-        f"Gaussians, {report.image_size}x{report.image_size} px. Times: median (min-max) "
-        f"over the timed calls after warm-up; compilation apart.",
-        "",
-    ]
+    lines = [device_line(report.device, report.num_gaussians, report.image_size), ""]
     if report.reconstruction:
         lines += [
             "| source views N | reconstruction latency, ms ↓ | compile, s |",
@@ -518,19 +540,4 @@ def speed_markdown(report: SpeedReport) -> str:
                 f"(the model takes at most {report.max_views} views)."
             )
         lines.append("")
-    v = report.driving
-    overflow = (
-        "none"
-        if v.isects_dropped == 0 and v.tiles_overflow == 0
-        else (f"{v.isects_dropped} intersections dropped, {v.tiles_overflow} tiles")
-    )
-    lines += [
-        "| driving (1 frame) | ms ↓ | FPS ↑ | compile, s |",
-        "|---|---:|---:|---:|",
-        f"| LBS | {v.lbs.spread()} | {1e3 / v.lbs.median_ms:.0f} | {v.lbs.compile_s:.1f} |",
-        f"| LBS + render | {v.frame.spread()} | {v.fps:.1f} | {v.frame.compile_s:.1f} |",
-        "",
-        f"Rasterizer: backend {v.backend}, {v.n_isects} tile intersections "
-        f"(capacity {v.capacity}), overflow: {overflow}.",
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + driving_markdown(report.driving)
