@@ -11,7 +11,7 @@ without a checkpoint:
   reconstruction latency for each source view count up to `model.num_views`, then
   driving of its Gaussians.
 - `--driving-only`: no network; random Gaussians on the head's anchors
-  (`speed.random_gaussians`: sizes about the anchor spacing, capped at half of
+  (`random_gaussians`: sizes about the anchor spacing, capped at half of
   `model.gaussians.max_scale`) driven by LBS and rendered at the config's image
   size. `--num-gaussians K` takes K anchors; when the head's UV layout covers fewer
   texels at `model.decoder.map_size` (the built-in head covers 88,464 at 384, the
@@ -34,6 +34,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -43,11 +44,44 @@ from uika_jax.evaluation import speed
 from uika_jax.head.anchors import Anchors, make_anchors
 from uika_jax.head.model import HeadModel
 from uika_jax.models.avatar import UIKA, build_head
-from uika_jax.models.gaussians import mean_anchor_spacing
+from uika_jax.models.gaussians import CanonicalGaussians, mean_anchor_spacing
 from uika_jax.safe_files import atomic_write
 from uika_jax.synthetic.preview import write_png
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_gaussians(anchors: Anchors, *, scale: float, seed: int = 0) -> CanonicalGaussians:
+    """Random canonical Gaussians on the anchors, for timing driving without a network.
+
+    Offsets up to a quarter of `scale`, scales log-uniform in [scale / 2, 2 scale],
+    random rotations, opacities in [0.3, 1), colours in [0, 1).
+
+    Args:
+      anchors: the K anchors.
+      scale: typical Gaussian size (e.g. the anchor spacing), metres.
+      seed: NumPy seed.
+    """
+    rng = np.random.default_rng(seed)
+    k = anchors.num_anchors
+    shape = (1, k)
+    offsets = 0.25 * scale * rng.uniform(-1, 1, size=(*shape, 3))
+    quats = rng.normal(size=(*shape, 4))
+    quats /= np.linalg.norm(quats, axis=-1, keepdims=True)
+    opacities = rng.uniform(0.3, 0.999, size=shape)
+    colors = rng.uniform(size=(*shape, 3))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return CanonicalGaussians(
+        means=f32(np.asarray(anchors.positions)[None] + offsets),
+        quats=f32(quats),
+        log_scales=f32(np.log(scale) + rng.uniform(np.log(0.5), np.log(2.0), size=(*shape, 3))),
+        opacity_logits=f32(np.log(opacities / (1 - opacities))),
+        colors=f32(colors),
+        offsets=f32(offsets),
+        fusion_weights=f32(np.zeros((*shape, 1))),
+        pred_colors=f32(colors),
+        aggr_colors=f32(np.zeros((*shape, 3))),
+    )
 
 
 def anchors_for(head: HeadModel, resolution: int, num_gaussians: int | None) -> Anchors:
@@ -69,7 +103,7 @@ def driving_only(
     anchors = anchors_for(head, int(config.model.decoder.map_size), num_gaussians)
     spacing = mean_anchor_spacing(anchors.positions)
     scale = min(spacing, 0.5 * float(config.model.gaussians.max_scale))
-    gaussians = speed.random_gaussians(anchors, scale=scale)
+    gaussians = random_gaussians(anchors, scale=scale)
     driving, rendered = speed.measure_driving(
         config, head, anchors, gaussians, repeats=repeats, warmup=warmup
     )

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,7 +17,7 @@ from network_fixtures import FAST_COMPILE, small_config
 
 from uika_jax.evaluation import speed
 from uika_jax.models.avatar import UIKA, build_head, drive, render
-from uika_jax.models.gaussians import mean_anchor_spacing
+from uika_jax.models.gaussians import CanonicalGaussians, mean_anchor_spacing
 from uika_jax.render import RasterConfig
 
 
@@ -26,8 +27,27 @@ def _setup():
     head, anchors = build_head(config)
     spacing = mean_anchor_spacing(anchors.positions)
     model = UIKA.from_config(config, rngs=nnx.Rngs(0), anchor_spacing=spacing)
-    gaussians = speed.random_gaussians(anchors, scale=spacing, seed=1)
-    return config, head, anchors, model, gaussians
+    return config, head, anchors, model, _gaussians(anchors, spacing)
+
+
+def _gaussians(anchors, spacing: float) -> CanonicalGaussians:
+    """Random Gaussians (1, K) about one anchor spacing in size, on the anchors."""
+    rng = np.random.default_rng(1)
+    shape = (1, anchors.num_anchors)
+    offsets = 0.2 * spacing * rng.normal(size=(*shape, 3))
+    colors = rng.uniform(size=(*shape, 3))
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return CanonicalGaussians(
+        means=f32(anchors.positions[None] + offsets),
+        quats=f32(rng.normal(size=(*shape, 4))),
+        log_scales=f32(np.log(spacing) + 0.3 * rng.normal(size=(*shape, 3))),
+        opacity_logits=f32(rng.normal(size=shape) + 1.0),
+        colors=f32(colors),
+        offsets=f32(offsets),
+        fusion_weights=f32(np.zeros((*shape, 1))),
+        pred_colors=f32(colors),
+        aggr_colors=f32(np.zeros((*shape, 3))),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ Two jitted programs are timed on the default device, each after its compilation
 The rasterizer's capacity under jit is `render.capacity` when set, else calibrated
 on the timed frame itself (`calibrate_capacity`, `render.capacity_headroom`); the
 report gives the frame's intersection count and any overflow from the rasterizer's
-`meta`. Timings are median and min-max over `repeats` calls.
+`meta`. Timings are median and min-max over `repeats` calls. A compile time is a load
+from JAX's persistent compilation cache where that cache is on and holds the program.
 """
 
 from __future__ import annotations
@@ -134,8 +135,24 @@ class SpeedReport:
         }
 
     def to_markdown(self) -> str:
-        """Two markdown tables (reconstruction per view count, driving) under a device line."""
-        return speed_markdown(self)
+        """Markdown: a device line, then the reconstruction (per view count) and driving tables."""
+        lines = [device_line(self.device, self.num_gaussians, self.image_size), ""]
+        if self.reconstruction:
+            lines += [
+                "| source views N | reconstruction latency, ms ↓ | compile, s |",
+                "|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {n} | {t.spread()} | {t.compile_s:.1f} |"
+                for n, t in self.reconstruction.items()
+            ]
+            if self.skipped_views:
+                skipped = ", ".join(map(str, self.skipped_views))
+                lines.append(
+                    f"\nNot measured: N = {skipped} (the model takes {self.max_views} at most)."
+                )
+            lines.append("")
+        return "\n".join(lines) + "\n" + driving_markdown(self.driving)
 
 
 def device_info() -> dict:
@@ -154,12 +171,10 @@ def device_info() -> dict:
 def _host_cpu() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def time_jitted(
@@ -195,14 +210,7 @@ def time_jitted(
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
         samples.append(1e3 * (time.perf_counter() - start))
-    timing = Timing(
-        median_ms=statistics.median(samples),
-        min_ms=min(samples),
-        max_ms=max(samples),
-        repeats=repeats,
-        compile_s=compile_s,
-    )
-    return timing, out
+    return Timing(statistics.median(samples), min(samples), max(samples), repeats, compile_s), out
 
 
 def select_views(views: Sequence[int], max_views: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -219,27 +227,9 @@ def select_views(views: Sequence[int], max_views: int) -> tuple[tuple[int, ...],
     if not kept:
         raise ValueError(f"views {tuple(views)}: the model takes 1 to {max_views} source views")
     if skipped:
-        _LOG.warning(
-            "speed: view counts %s exceed the model's num_views=%d; not measured",
-            skipped,
-            max_views,
-        )
+        message = "speed: view counts %s exceed the model's num_views=%d; not measured"
+        _LOG.warning(message, skipped, max_views)
     return kept, skipped
-
-
-def reconstruction_step(model: UIKA) -> tuple[Callable, nnx.State]:
-    """The jitted reconstruction `(state, images, view_mask, anchors) -> CanonicalGaussians`.
-
-    Returns:
-      (the jitted function, the model's state to pass as its first argument).
-    """
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, images, view_mask, anchors):
-        return nnx.merge(graphdef, state)(images, view_mask, anchors).gaussians
-
-    return step, state
 
 
 def measure_reconstruction(
@@ -266,7 +256,12 @@ def measure_reconstruction(
     Returns:
       (view count -> `Timing`, the Gaussians reconstructed from the smallest count).
     """
-    step, state = reconstruction_step(model)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, images, view_mask, anchors):
+        return nnx.merge(graphdef, state)(images, view_mask, anchors).gaussians
+
     size = model.config.image_size
     rng = np.random.default_rng(seed)
     timings, first = {}, None
@@ -304,22 +299,6 @@ def driving_inputs(
     height = float(np.ptp(vertices[:, 1]))
     viewmat, K = framing_camera(centre, height, image_size, yaw_deg=10.0)
     return params, jnp.asarray(viewmat)[None, None], jnp.asarray(K)[None, None]
-
-
-def driving_step(
-    image_size: int, raster_config: RasterConfig, background: Sequence[float] | None
-) -> Callable:
-    """The jitted driving step `(head, anchors, gaussians, params, viewmats, Ks) -> Rendered`."""
-
-    @jax.jit
-    def step(head, anchors, gaussians, params, viewmats, Ks) -> Rendered:
-        posed = drive(head, anchors, gaussians, params)
-        return render(
-            posed, viewmats, Ks, image_size, image_size, background=background,
-            config=raster_config,
-        )  # fmt: skip
-
-    return step
 
 
 def driving_raster_config(
@@ -375,13 +354,19 @@ def measure_driving(
     inputs = driving_inputs(head, size, seed)
     raster_config = driving_raster_config(config, head, anchors, gaussians, inputs)
     timing = dict(repeats=repeats, warmup=warmup, compiler_options=compiler_options)
+    background = tuple(config.render.background)
+
+    @jax.jit
+    def step(head, anchors, gaussians, params, viewmats, Ks) -> Rendered:
+        posed = drive(head, anchors, gaussians, params)
+        return render(posed, viewmats, Ks, size, size, background=background, config=raster_config)
+
     lbs, _ = time_jitted(jax.jit(drive), (head, anchors, gaussians, inputs[0]), **timing)
-    step = driving_step(size, raster_config, tuple(config.render.background))
     frame, rendered = time_jitted(step, (head, anchors, gaussians, *inputs), **timing)
     meta = rendered.meta
-    platform_name = jax.devices()[0].platform
     backend = raster_config.backend
     if backend == "auto":
+        platform_name = jax.devices()[0].platform
         backend = f"auto ({backends.auto_choices().get(platform_name, 'reference')})"
     speed = DrivingSpeed(
         lbs=lbs,
@@ -394,42 +379,6 @@ def measure_driving(
         tiles_overflow=int(np.max(meta["tiles_overflow"])),
     )
     return speed, rendered
-
-
-def random_gaussians(
-    anchors: Anchors, *, scale: float, seed: int = 0, batch_size: int = 1
-) -> CanonicalGaussians:
-    """Random canonical Gaussians on the anchors, for timing driving without a network.
-
-    Offsets up to a quarter of `scale`, scales log-uniform in [scale / 2, 2 scale],
-    random rotations, opacities in [0.3, 1), colours in [0, 1).
-
-    Args:
-      anchors: the K anchors.
-      scale: typical Gaussian size (e.g. the anchor spacing), metres.
-      seed: NumPy seed.
-      batch_size: B.
-    """
-    rng = np.random.default_rng(seed)
-    k = anchors.num_anchors
-    shape = (batch_size, k)
-    offsets = 0.25 * scale * rng.uniform(-1, 1, size=(*shape, 3))
-    quats = rng.normal(size=(*shape, 4))
-    quats /= np.linalg.norm(quats, axis=-1, keepdims=True)
-    opacities = rng.uniform(0.3, 0.999, size=shape)
-    colors = rng.uniform(size=(*shape, 3))
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    return CanonicalGaussians(
-        means=f32(np.asarray(anchors.positions)[None] + offsets),
-        quats=f32(quats),
-        log_scales=f32(np.log(scale) + rng.uniform(np.log(0.5), np.log(2.0), size=(*shape, 3))),
-        opacity_logits=f32(np.log(opacities / (1 - opacities))),
-        colors=f32(colors),
-        offsets=f32(offsets),
-        fusion_weights=f32(np.zeros((*shape, 1))),
-        pred_colors=f32(colors),
-        aggr_colors=f32(np.zeros((*shape, 3))),
-    )
 
 
 def measure_speed(
@@ -522,22 +471,3 @@ def driving_markdown(driving: DrivingSpeed) -> str:
         f"(capacity {v.capacity}), overflow: {overflow}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def speed_markdown(report: SpeedReport) -> str:
-    """The report as markdown: a device line, reconstruction and driving tables."""
-    lines = [device_line(report.device, report.num_gaussians, report.image_size), ""]
-    if report.reconstruction:
-        lines += [
-            "| source views N | reconstruction latency, ms ↓ | compile, s |",
-            "|---:|---:|---:|",
-        ]
-        for n, t in report.reconstruction.items():
-            lines.append(f"| {n} | {t.spread()} | {t.compile_s:.1f} |")
-        if report.skipped_views:
-            lines.append(
-                f"\nNot measured: N = {', '.join(map(str, report.skipped_views))} "
-                f"(the model takes at most {report.max_views} views)."
-            )
-        lines.append("")
-    return "\n".join(lines) + "\n" + driving_markdown(report.driving)
