@@ -221,7 +221,8 @@ def test_vhap_export_motion(tmp_path, head, caplog):
     src = tmp_path / "export"
     for sub in ("images", "fg_masks", "flame_param"):
         (src / sub).mkdir(parents=True)
-    tracked = write_export(src, load_head_model(model_path, obj))
+    flame = load_head_model(model_path, obj)
+    tracked = write_export(src, flame)
     with caplog.at_level(logging.WARNING):
         motion = load_motion(str(src), head)
     assert "the last 90 are dropped" in caplog.text
@@ -263,3 +264,13 @@ def test_bad_inputs_are_refused_naming_them(tmp_path, avatar_path, capsys):
     assert uika(["drive", str(avatar_path), "--motion", "demo:jaw"]) == 2
     assert "--frames-dir" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_demo_motions_on_a_head_without_named_expressions(tmp_path):
+    flame = load_head_model(*write_model(tmp_path))
+    talking = load_motion("demo:talking", flame, frames=6, fps=FPS)
+    assert talking.expression.shape == (6, flame.num_expression)
+    assert not np.any(talking.expression) and np.ptp(talking.pose[:, 2, 0]) > 0.01
+    with pytest.raises(ValueError, match="demo:blinks: moves only named expressions") as error:
+        load_motion("demo:blinks", flame)
+    assert "demo:talking" in str(error.value) and "demo:brows" not in str(error.value)
