@@ -213,10 +213,14 @@ def test_a_video_is_subsampled_to_the_models_views(trained_run, renders, framer,
         np.testing.assert_allclose(
             view.image.astype(float).mean(), framed.views[0].image.astype(float).mean(), atol=2
         )
-    out = tmp_path / "video.npz"
-    code, stdout, stderr = reconstruct(capsys, video, "--ckpt", trained_run.workdir, "--out", out)
+    out, picture = tmp_path / "video.npz", tmp_path / "pictures" / "video_coverage.png"
+    picture.parent.mkdir()
+    code, stdout, stderr = reconstruct(
+        capsys, video, "--ckpt", trained_run.workdir, "--out", out, "--coverage", picture
+    )
     assert code == 0, stderr
-    assert "from 3 view(s)" in stdout and out.is_file()
+    assert "from 3 view(s)" in stdout and out.is_file() and picture.is_file()
+    assert not (tmp_path / "video.png").exists()
 
 
 def assert_one_line_error(code: int, stdout: str, stderr: str, *fragments: str) -> None:
@@ -248,6 +252,9 @@ def test_bad_inputs_give_one_line_messages_naming_them(trained_run, photos, tmp_
     assert_one_line_error(*reconstruct(capsys, tmp_path / "nope.jpg", *run), "nope.jpg: no such")
     assert_one_line_error(
         *reconstruct(capsys, photos, *run, "--max-views", 4), "--max-views 4", "1 to 3 views"
+    )
+    assert_one_line_error(
+        *reconstruct(capsys, photos, *run, "--step", 99), "no checkpoint 99", "checkpoints"
     )
     assert not (tmp_path / "a.npz").exists()
     # a picture without a face among others is skipped with a warning naming it

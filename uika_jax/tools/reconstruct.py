@@ -20,8 +20,8 @@ observed: the aggregated colour, the coverage (views per texel; 0 = guessed) and
 confidence gamma (`uika_jax.tools.coverage_png`).
 
 Exit status 0 on success; 2 with a one-line message for bad input (an empty folder, an
-unreadable file, no face anywhere, a missing run, a head model or config that does not
-match the checkpoint).
+unreadable file, no face anywhere, a missing run or checkpoint, a head model that does
+not match the checkpoint).
 """
 
 from __future__ import annotations
@@ -68,15 +68,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="+", metavar="PHOTOS_OR_VIDEO", help="photos, folders of photos, videos"
     )
-    parser.add_argument("--ckpt", required=True, help="the run's folder (train.py --workdir)")
-    parser.add_argument("--out", required=True, help="the avatar file to write (.npz)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     parser.add_argument(
-        "--max-views", type=int, default=None, help="most views used (default the model's)"
+        "--ckpt", required=True, metavar="RUN", help="the run's folder (train.py --workdir)"
     )
-    parser.add_argument("--every", type=int, default=None, help="keep every K-th video frame")
     parser.add_argument(
-        "--coverage", default=None, help="the coverage picture (default: --out with .png)"
+        "--out", required=True, metavar="AVATAR", help="the avatar file to write (.npz)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, metavar="S", help="checkpoint step (default newest)"
+    )
+    parser.add_argument(
+        "--max-views",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most views used (default and at most the model's num_views)",
+    )
+    parser.add_argument(
+        "--every", type=int, default=None, metavar="K", help="keep every K-th video frame"
+    )
+    parser.add_argument(
+        "--coverage",
+        default=None,
+        metavar="PATH",
+        help="the coverage picture (default: --out with .png)",
     )
 
 
