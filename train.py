@@ -9,13 +9,13 @@ environment variables; TPU pods and SLURM are detected). The logic is in
 `uika_jax.training.loop`.
 """
 
-import logging as std_logging
 import os
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from uika_jax.quiet_logs import quiet_library_logs
 from uika_jax.training import distributed
 from uika_jax.training.loop import train
 
@@ -35,19 +35,11 @@ _CACHE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Drops the INFO lines of checkpointing and data libraries (warnings pass)."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        chatty = any(f"/{name}/" in record.pathname for name in ("orbax", "grain"))
-        return record.levelno >= std_logging.WARNING or not chatty
-
-
 def main(argv: list[str]) -> None:
     """Initialises the processes and trains the run of --config in --workdir."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_library_logs()
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

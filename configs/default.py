@@ -32,6 +32,7 @@ Train: python train.py --config=configs/default.py --workdir=runs/uika
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 ABLATIONS = ("no_uv_attention", "no_aggregation", "no_color_fusion", "no_synthetic_data")
 
@@ -205,6 +206,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.batch_size = 4
     ev.seed = 0  # which frames of each identity are sources and targets
     ev.lpips = True
+    # evaluate.py (`uika_jax.evaluation.runner`): what it runs, on which frames.
+    ev.mode = "metrics"  # metrics | scaling | ablations | speed
+    ev.split = "test"
+    ev.protocol = "all"  # or comma-separated: self_mono,self_multi,cross_mono,cross_multi
+    ev.dataset = placeholder(str)  # None: the run's first data source
+    ev.subjects = 100  # the most subjects per protocol
+    ev.num_sources = placeholder(int)  # None: model.num_views
+    ev.num_targets = placeholder(int)  # None: model.num_drive
+    ev.manifest = placeholder(
+        str
+    )  # a manifest.json to reuse (the same frames as another evaluation)
+    ev.out = placeholder(str)  # None: WORKDIR/eval-SPLIT
+    ev.scaling_views = (1, 2, 4, 8, 16)
+    ev.ablation_workdirs = ()  # eval.mode=ablations: the runs to compare
+    ev.face_metrics = True  # CSIM, AKD, APD, AED (the `eval` extra's face models)
+    ev.identity_model = placeholder(str)  # an ArcFace ONNX file for CSIM; None: dlib's ResNet
+    ev.expression_regressor = placeholder(str)  # an ONNX expression regressor for AED; None: n/a
+    ev.landmark_embedding = placeholder(str)  # the head model's 68 landmarks (FLAME); APD needs it
+    ev.grids = 8  # per-sample picture grids per protocol
+    ev.videos = 2  # driven-sequence videos per protocol
+    ev.video_frames = 64
+    ev.video_fps = 25
 
     dt = config.data = ml_collections.ConfigDict()
     # The synthetic dataset (`uika synth`), generated there by train.py when missing.

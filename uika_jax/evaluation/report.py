@@ -257,7 +257,7 @@ def footnote_line(results: Sequence[ProtocolResult], metric: str) -> str:
     spec = metric_spec(metric)
     backends: dict[str, list[str]] = {}
     for r in results:
-        if metric in r.values:
+        if metric in r.values or metric in r.backends:
             backends.setdefault(r.backends.get(metric, "backend not stated"), []).append(r.name)
     if len(backends) == 1:
         backend_text = next(iter(backends))

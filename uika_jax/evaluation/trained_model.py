@@ -7,8 +7,9 @@ loop runs.
 
 Config: the checkpoint's own config (saved with it) is the default. A config given by
 the caller (another file, or overrides) may change anything but the model: the
-`model` and `head` blocks must equal the checkpoint's, else `ModelMismatchError`
-names the keys that differ and both values, before any array is read. The head model
+`model` and `head` blocks must equal the checkpoint's (the head model's files may
+move), else `ModelMismatchError` names the keys that differ and both values, before
+any array is read. The head model
 is rebuilt from the config (`head.model_path`, or the built-in head) and its
 fingerprint must match the checkpoint's (`Checkpointer.restore` refuses another).
 
@@ -27,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from ml_collections.config_dict import placeholder
 
 from uika_jax.config import flat_items
 from uika_jax.head.anchors import Anchors
@@ -41,6 +43,11 @@ CHECKPOINT_DIR = "checkpoints"
 
 MODEL_BLOCKS = ("model", "head")
 """The config blocks that define the network and its head model: fixed by a checkpoint."""
+
+
+HEAD_MODEL_FILES = ("head.model_path", "head.uv_path")
+"""Where the head model's files are: free to change (the head model's fingerprint, checked
+against the checkpoint's, says whether it is the same model)."""
 
 
 class ModelMismatchError(ValueError):
@@ -99,14 +106,29 @@ def _checkpointer(workdir: Path, fingerprint: str) -> Checkpointer:
 
 
 def saved_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config saved with a run's newest (or a given) checkpoint.
+    """The config saved with a run's newest (or a given) checkpoint (null settings overridable).
 
     Raises:
       FileNotFoundError: if `workdir` holds no checkpoint (of that step).
     """
     workdir = Path(workdir)
     with _checkpointer(workdir, fingerprint="") as checkpointer:
-        return ml_collections.ConfigDict(checkpointer.saved_config(step))
+        return _overridable(checkpointer.saved_config(step))
+
+
+def _overridable(tree: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A JSON config as a ConfigDict whose null settings can still be overridden.
+
+    JSON keeps no type for a null setting; a `placeholder(object)` takes any literal
+    (`--config.eval.manifest=PATH`, `--config.render.capacity=4096`).
+    """
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            return ml_collections.ConfigDict({k: convert(v) for k, v in value.items()})
+        return placeholder(object) if value is None else value
+
+    return convert(tree)
 
 
 def check_same_model(
@@ -120,7 +142,8 @@ def check_same_model(
 
     def blocks(c: ml_collections.ConfigDict) -> dict[str, Any]:
         as_json = json.loads(c.to_json_best_effort())
-        return dict(flat_items({k: as_json.get(k) for k in MODEL_BLOCKS}))
+        items = flat_items({k: as_json.get(k) for k in MODEL_BLOCKS})
+        return {k: v for k, v in items if k not in HEAD_MODEL_FILES}
 
     want, got = blocks(saved), blocks(config)
     differing = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
