@@ -40,20 +40,23 @@ def _argument(argv: list[str], name: str) -> str | None:
     return None
 
 
-def _define_config_flag(argv: list[str]) -> None:
+def define_config_flag(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """`--config`: a config file when one is given, else the run's saved config.
 
     absl parses `--config.a.b=value` overrides against the flag's config, so the flag
     must hold the run's saved config before parsing when no file is named.
     """
-    if _argument(argv, "config") is not None:
-        config_flags.DEFINE_config_file("config", None, "the config file", lock_config=True)
-        return
     workdir = _argument(argv, "workdir")
-    if workdir is None:
-        config_flags.DEFINE_config_file("config", None, "the config file", lock_config=True)
+    if _argument(argv, "config") is not None or workdir is None:
+        config_flags.DEFINE_config_file(
+            "config", None, "the config file", lock_config=True, flag_values=flag_values,
+            sys_argv=argv,
+        )  # fmt: skip
         return
-    config_flags.DEFINE_config_dict("config", saved_config(workdir), "the run's saved config")
+    config_flags.DEFINE_config_dict(
+        "config", saved_config(workdir), "the run's saved config", flag_values=flag_values,
+        sys_argv=argv,
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -66,5 +69,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_config_flag(sys.argv)
+    define_config_flag(sys.argv)
     app.run(main)

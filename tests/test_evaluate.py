@@ -7,6 +7,7 @@ The checkpoint is the session's tiny run (`training_fixtures.shared_run`: 32 x 3
 
 import json
 import shutil
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +191,25 @@ def test_ablations_mode_writes_one_row_per_run(trained_run, tmp_path):
     assert len(rows) == 2 and rows[0].name != rows[1].name
     np.testing.assert_allclose(rows[0].values["psnr"], rows[1].values["psnr"], rtol=1e-6)
     assert "| Config |" in (tmp_path / "out" / "ablations.md").read_text()
+
+
+def test_command_line_overrides_apply_to_the_runs_saved_config(trained_run):
+    from absl import flags
+
+    sys.path.insert(0, str(tf.ROOT))
+    import evaluate as entry_point
+
+    argv = [
+        "evaluate.py", f"--workdir={trained_run.workdir}", "--config.eval.split=val",
+        "--config.eval.manifest=/some/manifest.json", "--config.eval.subjects=3",
+    ]  # fmt: skip
+    values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    entry_point.define_config_flag(argv, values)
+    values(argv)
+    config = values.config
+    assert (config.eval.split, config.eval.subjects) == ("val", 3)
+    assert config.eval.manifest == "/some/manifest.json"  # a null setting, still overridable
+    assert config.model.image_size == 32  # the run's own model
+    with pytest.raises(flags.IllegalFlagValueError):  # type-checked against the saved value
+        values(["evaluate.py", "--config.eval.subjects=many"])
