@@ -259,7 +259,9 @@ def footnote_line(results: Sequence[ProtocolResult], metric: str) -> str:
     for r in results:
         if metric in r.values or metric in r.backends:
             backends.setdefault(r.backends.get(metric, "backend not stated"), []).append(r.name)
-    if len(backends) == 1:
+    if not backends:
+        backend_text = "not measured"
+    elif len(backends) == 1:
         backend_text = next(iter(backends))
     else:
         backend_text = "; ".join(f"{b} ({', '.join(rows)})" for b, rows in backends.items())
