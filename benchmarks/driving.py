@@ -45,8 +45,7 @@ from uika_jax.head.anchors import Anchors, make_anchors
 from uika_jax.head.model import HeadModel
 from uika_jax.models.avatar import UIKA, build_head
 from uika_jax.models.gaussians import CanonicalGaussians, mean_anchor_spacing
-from uika_jax.safe_files import atomic_write
-from uika_jax.synthetic.preview import write_png
+from uika_jax.safe_files import atomic_write, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +176,7 @@ def main() -> None:
         with atomic_write(args.json) as f:
             f.write(json.dumps(record, indent=2).encode())
     if args.png:
-        write_png(np.round(np.clip(frame, 0, 1) * 255).astype(np.uint8), args.png)
+        write_png(args.png, np.round(np.clip(frame, 0, 1) * 255).astype(np.uint8))
 
 
 if __name__ == "__main__":

@@ -262,6 +262,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("conv_in", "fsdp"),
         ("conv_out", "tensor"),
         ("gaussian_attr", None),
+        ("texel", None),  # per-anchor features: replicated (split, XLA all-gathers them)
     )
 
     apply_ablation(config, arg)

@@ -173,3 +173,27 @@ def test_non_integer_scalars(good, tmp_path):
     _refused(tmp_path / "side.npz", "anchor_uv_resolution")
     _rewrite(good[0], tmp_path / "version.npz", version=np.asarray(1.5))
     _refused(tmp_path / "version.npz", "version")
+
+
+def test_ids_beyond_int32_are_refused_not_wrapped(good, tmp_path):
+    face_ids = _members(good[0])["anchor_face_ids"].astype(np.int64)
+    face_ids[3] = 2**32 + 5  # would wrap to 5 as int32
+    _rewrite(good[0], tmp_path / "wide.npz", anchor_face_ids=face_ids)
+    _refused(tmp_path / "wide.npz", "anchor face ids", "outside")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"head": "flame.pkl"}, "config head is not a JSON object"),
+        ({"head": {"model_path": 7}}, "head.model_path=7"),
+        ({"render": {"capacity": 2**40}}, "render.capacity"),
+        ({"render": {"tile_cap": 0}}, "render.tile_cap"),
+        ({"render": {"capacity_headroom": "lots"}}, "render.capacity_headroom"),
+        ({"render": {"background": [1, 2]}}, "render.background"),
+    ],
+)
+def test_config_settings_the_tools_read_are_checked(good, tmp_path, config, message):
+    document = np.frombuffer(json.dumps(config).encode(), np.uint8)
+    _rewrite(good[0], tmp_path / "config.npz", config_json=document)
+    _refused(tmp_path / "config.npz", message)

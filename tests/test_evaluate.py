@@ -131,6 +131,17 @@ def test_a_given_manifest_is_reused_exactly(trained_run, metrics_run, tmp_path):
     assert second[0].sample_ids == first[0].sample_ids
     np.testing.assert_allclose(second[0].values["psnr"], first[0].values["psnr"], rtol=1e-6)
     assert not (tmp_path / "manifest.json").exists()  # the given one is not rewritten
+    lacking = eval_config(
+        trained_run, tmp_path, protocol="self_multi", manifest=str(out / "manifest.json")
+    )
+    with pytest.raises(ManifestError, match=r"no samples of \['self_multi'\]"):
+        runner.evaluate(lacking, trained_run.workdir)
+    other_split = eval_config(
+        trained_run, tmp_path, protocol="self_mono", manifest=str(out / "manifest.json")
+    )
+    other_split.eval.split = "test"
+    with pytest.raises(ManifestError, match=r"holds 'val' frames, but eval\.split='test'"):
+        runner.evaluate(other_split, trained_run.workdir)
 
 
 def test_a_config_with_another_model_is_refused(trained_run, tmp_path):
@@ -177,6 +188,8 @@ def test_scaling_mode_plots_metrics_against_the_source_count(trained_run, tmp_pa
     text = (tmp_path / "view_scaling.md").read_text()
     assert "PSNR" in text
     assert (tmp_path / "view_scaling.png").stat().st_size > 1000
+    assert (tmp_path / "scaling_manifest.json").is_file()  # metrics' manifest.json untouched
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_ablations_mode_writes_one_row_per_run(trained_run, tmp_path):

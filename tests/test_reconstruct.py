@@ -256,6 +256,10 @@ def test_bad_inputs_give_one_line_messages_naming_them(trained_run, photos, tmp_
     assert_one_line_error(
         *reconstruct(capsys, photos, *run, "--step", 99), "no checkpoint 99", "checkpoints"
     )
+    assert_one_line_error(
+        *reconstruct(capsys, photos, *run, "--coverage", tmp_path / "a.npz"),
+        "is the avatar file (--out)",
+    )
     assert not (tmp_path / "a.npz").exists()
     # a picture without a face among others is skipped with a warning naming it
     code, stdout, stderr = reconstruct(capsys, grey, photos / "view0.png", *run)

@@ -49,8 +49,8 @@ def test_markdown_table_has_arrows_na_and_the_head_region_footnote():
     footnote = "\n".join(lines[6:])
     assert report.HEAD_REGION_NOTE in footnote
     assert "- CSIM ↑: dlib ResNet embedding (self, monocular); ArcFace ONNX" in footnote
-    assert "self, monocular 75.0% (3/4 scored)" in footnote
-    assert "cross | multi-view 100.0% (2/2 scored)" in footnote
+    assert "self, monocular 75.0% (3/4 samples scored)" in footnote
+    assert "cross | multi-view 100.0% (2/2 samples scored)" in footnote
     assert "- AED ↓: n/a: no expression regressor given; n/a for self, monocular, cross" in footnote
     assert "- LPIPS (VGG) ↓: backend not stated; n/a for cross | multi-view." in footnote
     # Chosen columns, including one no row has.

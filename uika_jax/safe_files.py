@@ -1,7 +1,7 @@
 """Files in and out: atomic writes, and `.npz` archives read as untrusted input.
 
-Everything the project writes (head models, dataset files, images, checkpoints'
-side files) goes through `atomic_write`: a temporary file in the destination's
+Everything the project writes (head models, dataset files, images (`write_png`),
+checkpoints' side files) goes through `atomic_write`: a temporary file in the destination's
 folder, flushed and fsynced, then renamed over the destination, so a reader
 never sees a half-written file and an interrupted writer leaves the old file
 (or none) in place.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import secrets
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from PIL import Image
 
 ZIP_MAGIC = b"PK\x03\x04"
 """The first bytes of a zip (hence `.npz`) archive."""
@@ -98,6 +100,27 @@ def atomic_write(path: str | os.PathLike, *, durable: bool = True) -> Iterator[B
         _publish(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, document: object) -> Path:
+    """Writes a JSON document (indented, no NaN) atomically; returns the path."""
+    path = Path(path)
+    text = json.dumps(document, indent=1, allow_nan=False, ensure_ascii=False)
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
+    return path
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Writes a uint8 (H, W) or (H, W, 3) image as a PNG atomically; returns the path.
+
+    Raises:
+      FileNotFoundError: if the folder of `path` does not exist (it is not created).
+    """
+    path = Path(path)
+    with atomic_write(path) as f:
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
+    return path
 
 
 @contextlib.contextmanager

@@ -144,12 +144,17 @@ def write_video(
     return count
 
 
+def evenly_spaced(count: int, keep: int) -> np.ndarray:
+    """Indices of `keep` of `count` items spread evenly, first and last included."""
+    if count <= keep:
+        return np.arange(count)
+    return np.round(np.linspace(0, count - 1, keep)).astype(int)
+
+
 def _selected_indices(total: int, every: int | None, max_frames: int | None) -> np.ndarray:
     """Frame indices kept: every `every`-th frame, then at most `max_frames` spread evenly."""
     kept = np.arange(0, total, every or 1)
-    if max_frames is not None and len(kept) > max_frames:
-        kept = kept[np.round(np.linspace(0, len(kept) - 1, max_frames)).astype(int)]
-    return kept
+    return kept if max_frames is None else kept[evenly_spaced(len(kept), max_frames)]
 
 
 def read_video_frames(

@@ -255,7 +255,8 @@ def apd(
       references: observations of the motion references.
       points: (68, 3) the head model's 3D landmarks (`head_pose.landmark_points`), or
         None to report n/a.
-      K: (3, 3) intrinsics of the input images (both share the camera).
+      K: (3, 3) intrinsics shared by every pair, or (N, 3, 3) one per pair (a pair's two
+        images share its camera).
       backend: the pose backend's name, with the embedding's source.
     """
     values = np.full(len(predictions), np.nan)
@@ -263,9 +264,10 @@ def apd(
         backend = "n/a (no landmark embedding)"
     else:
         both, _, _ = _pairs("APD", predictions, references)
+        K = np.broadcast_to(np.asarray(K, np.float64), (len(predictions), 3, 3))
         for i in both:
-            rotation_p = solve_head_pose(predictions[i].landmarks, points, K)[0]
-            rotation_r = solve_head_pose(references[i].landmarks, points, K)[0]
+            rotation_p = solve_head_pose(predictions[i].landmarks, points, K[i])[0]
+            rotation_r = solve_head_pose(references[i].landmarks, points, K[i])[0]
             values[i] = rotation_angle_deg(rotation_p, rotation_r)
     return _metric("APD", backend, values, predictions, references, "degrees", False)
 
@@ -379,7 +381,7 @@ def face_metrics(
       backends: the face models.
       identity_references: (N, ...) images whose identity the predictions should have
         (the sources in cross-reenactment); None uses `motion_references`.
-      K: (3, 3) intrinsics of the images in their pixels; None uses
+      K: (3, 3) or per pair (N, 3, 3) intrinsics of the images in their pixels; None uses
         `default_intrinsics` (the project's face framing).
 
     Returns:

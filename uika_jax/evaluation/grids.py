@@ -21,17 +21,13 @@ prediction | ground truth | error (or the prediction alone).
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from uika_jax.safe_files import atomic_write
 from uika_jax.training.metrics_log import GRID_SEPARATOR, PADDED_VIEW_GREY
 
 DEFAULT_MAX_ERROR = 0.2
@@ -175,16 +171,6 @@ def sample_grid(
         strip = _row_strip(panels)
         strips.append(strip if frame == 0 else strip[GRID_SEPARATOR:])
     return np.round(np.concatenate(strips) * 255.0).astype(np.uint8)
-
-
-def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Writes a uint8 (H, W, 3) image as a PNG atomically; returns the path."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-    with atomic_write(path) as f:
-        f.write(buffer.getvalue())
-    return path
 
 
 def sequence_frames(

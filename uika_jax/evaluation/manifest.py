@@ -37,7 +37,7 @@ import numpy as np
 from uika_jax.data.reader import FrameRef
 from uika_jax.data.sampling import build_catalogue, draw_frames, stream_rng
 from uika_jax.data.sources import FrameTable
-from uika_jax.safe_files import atomic_write
+from uika_jax.safe_files import write_json
 
 PROTOCOLS = ("self_mono", "self_multi", "cross_mono", "cross_multi")
 """The evaluation protocols (module docstring)."""
@@ -191,8 +191,7 @@ def write_manifest(path: str | os.PathLike, manifest: Manifest) -> None:
             for name, samples in manifest.protocols.items()
         },
     }
-    with atomic_write(path) as f:
-        f.write(json.dumps(document, indent=1).encode())
+    write_json(path, document)
 
 
 def _ref_from_json(value: Any, where: str) -> FrameRef:

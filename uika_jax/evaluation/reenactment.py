@@ -8,7 +8,8 @@ compiled program. Reconstruction uses the estimator's own UV maps (no ground tru
 The targets are rendered with the driving frames' FLAME parameters and cameras over
 `render.background`: for a cross-reenactment sample those are the driver's frames, so
 its `targets` images show the driver (for motion metrics), never the reconstructed
-identity.
+identity; its shape coefficients (used with `head.use_dataset_shape`) are the
+reconstructed identity's.
 
 The rasterizer's capacity is calibrated once for the largest Gaussians the head can
 make (`uika_jax.training.raster_budget.raster_config`, as training does), and the
@@ -48,6 +49,9 @@ class RenderedBatch:
       targets: (b, F, S, S, 3) the driving frames' images.
       target_masks: (b, F, S, S) their head masks in [0, 1].
       composited_targets: (b, F, S, S, 3) the targets composited onto the background.
+      composited_predictions: (b, F, S, S, 3) the renders composited the same way (with
+        the targets' masks): what the head-region metrics and error maps compare.
+      target_intrinsics: (b, F, 3, 3) the targets' cameras' intrinsics (pixels).
       dropped: rasterizer intersections dropped in this batch (0 unless it overflowed).
     """
 
@@ -58,6 +62,8 @@ class RenderedBatch:
     targets: np.ndarray
     target_masks: np.ndarray
     composited_targets: np.ndarray
+    composited_predictions: np.ndarray
+    target_intrinsics: np.ndarray
     dropped: int
 
 
@@ -116,7 +122,10 @@ class Reenactor:
             sources=sources,
             targets=targets,
         )
-        return self.reader.assemble(plan)
+        sample = self.reader.assemble(plan)
+        if spec.driver is not None:  # the reconstructed identity's shape, not the driver's
+            sample["shape"] = self.source[int(sources[0])]["shape"].astype(np.float32)
+        return sample
 
     def _compiled(self, batch: dict[str, jax.Array]):
         if self._render is None:
@@ -148,12 +157,12 @@ class Reenactor:
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
             images, dropped = self._compiled(batch)(self.state, batch, self.assets)
             b = len(chunk)
+            masks = batch["target_mask"][:b]
             host = jax.device_get(
                 {
                     "predictions": images[:b],
-                    "composited": composite(
-                        batch["target_image"][:b], batch["target_mask"][:b], self.background
-                    ),
+                    "composited": composite(batch["target_image"][:b], masks, self.background),
+                    "composited_predictions": composite(images[:b], masks, self.background),
                 }
             )
             yield RenderedBatch(
@@ -164,5 +173,7 @@ class Reenactor:
                 targets=np.asarray(batch["target_image"][:b]),
                 target_masks=np.asarray(batch["target_mask"][:b]),
                 composited_targets=np.asarray(host["composited"]),
+                composited_predictions=np.asarray(host["composited_predictions"]),
+                target_intrinsics=np.asarray(batch["target_intrinsics"][:b]),
                 dropped=int(dropped),
             )

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from uika_jax.safe_files import atomic_write
+from uika_jax.safe_files import atomic_write, write_json
 
 METRICS_FORMAT = "uika-eval-metrics/1"
 """The `format` field of metrics.json."""
@@ -197,11 +197,7 @@ def write_metrics_json(
         "info": dict(info or {}),
         "protocols": {r.name: _protocol_record(r) for r in results},
     }
-    text = json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False)
-    path = Path(path)
-    with atomic_write(path) as f:
-        f.write((text + "\n").encode("utf-8"))
-    return path
+    return write_json(path, document)
 
 
 def read_metrics_json(path: str | os.PathLike) -> tuple[list[ProtocolResult], dict[str, Any]]:
@@ -252,7 +248,8 @@ def _cell(result: ProtocolResult, metric: str) -> str:
 def footnote_line(results: Sequence[ProtocolResult], metric: str) -> str:
     """A table's footnote line for one column: backend, rows' detection rates, rows lacking it.
 
-    `- CSIM ↑: dlib ResNet embedding; detection rate: self 95.0% (38/40 scored).`
+    `- CSIM ↑: dlib ResNet embedding; detection rate (of the frames compared): self 95.0%
+    (38/40 samples scored).` A sample is scored when any of its frames was detected.
     """
     spec = metric_spec(metric)
     backends: dict[str, list[str]] = {}
@@ -268,12 +265,12 @@ def footnote_line(results: Sequence[ProtocolResult], metric: str) -> str:
     parts = [backend_text]
     rates = [
         f"{r.name} {100.0 * float(r.detection_rates[metric]):.1f}% "
-        f"({r.count(metric)}/{len(r.sample_ids)} scored)"
+        f"({r.count(metric)}/{len(r.sample_ids)} samples scored)"
         for r in results
         if metric in r.detection_rates
     ]
     if rates:
-        parts.append("detection rate: " + ", ".join(rates))
+        parts.append("detection rate (of the frames compared): " + ", ".join(rates))
     missing = [r.name for r in results if metric not in r.values or r.count(metric) == 0]
     if missing:
         parts.append("n/a for " + ", ".join(missing))

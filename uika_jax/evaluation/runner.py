@@ -8,7 +8,7 @@
                driven sequence
     scaling    the same subjects and targets reconstructed from N = `eval.scaling_views`
                sources (up to model.num_views; past the cameras, sources mix views and
-               frames): scaling.json, scaling.md, scaling.png and the PSNR(N_max) -
+               frames): scaling.json, view_scaling.md, view_scaling.png and the PSNR(N_max) -
                PSNR(1) sentence
     ablations  the runs in `eval.ablation_workdirs` on one shared manifest: a row per
                run (named by its config, e.g. "default:no_uv_attention"): ablations.md
@@ -18,13 +18,13 @@
 
 Outputs go to `eval.out` (default WORKDIR/eval-SPLIT). The manifest is
 `eval.manifest` when given (reused as it is, so runs and methods are scored on the
-same frames), else drawn from the dataset and written to OUT/manifest.json.
+same frames; it must hold the requested protocols and be of `eval.split`), else drawn
+from the dataset and written to OUT/manifest.json (scaling: OUT/scaling_manifest.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from uika_jax.evaluation.image_metrics import ImageMetricEvaluator
 from uika_jax.evaluation.manifest import (
     PROTOCOLS,
     Manifest,
+    ManifestError,
     SampleSpec,
     draw_manifest,
     read_manifest,
@@ -50,7 +51,7 @@ from uika_jax.evaluation.reenactment import Reenactor
 from uika_jax.evaluation.scoring import ProtocolScorer, sample_id
 from uika_jax.evaluation.speed import measure_speed
 from uika_jax.evaluation.trained_model import TrainedModel, load_trained_model, saved_config
-from uika_jax.safe_files import atomic_write
+from uika_jax.safe_files import atomic_write, write_json, write_png
 from uika_jax.video import write_video
 
 MODES = ("metrics", "scaling", "ablations", "speed")
@@ -114,39 +115,70 @@ def face_backends(trained: TrainedModel) -> FaceBackends | None:
 
 
 def _manifest(
-    config: ml_collections.ConfigDict, source: Any, path: str, out: Path, **draw
-) -> Manifest:
+    config: ml_collections.ConfigDict,
+    source: Any,
+    path: str,
+    out: Path,
+    *,
+    protocols: Sequence[str],
+    filename: str = "manifest.json",
+    **draw: int,
+) -> tuple[Manifest, str]:
+    """(the manifest, its file): `eval.manifest` checked, else drawn and written to OUT.
+
+    Raises:
+      ManifestError: if a given manifest lacks a requested protocol or is of another split.
+    """
     ev = config.eval
     if ev.get("manifest"):
-        logging.info("reusing manifest %s", ev.manifest)
-        return read_manifest(ev.manifest)
+        given = str(ev.manifest)
+        manifest = read_manifest(given)
+        missing = [p for p in protocols if p not in manifest.protocols]
+        if missing:
+            raise ManifestError(
+                f"{given} has no samples of {missing} (it has {sorted(manifest.protocols)}): "
+                "choose those protocols (eval.protocol) or draw a new manifest"
+            )
+        if manifest.split != str(ev.split):
+            raise ManifestError(
+                f"{given} holds {manifest.split!r} frames, but eval.split={ev.split!r}"
+            )
+        if Path(manifest.dataset).resolve() != Path(path).resolve():
+            logging.warning(
+                "manifest %s was drawn from %s, evaluating %s", given, manifest.dataset, path
+            )
+        logging.info("reusing manifest %s", given)
+        return manifest, given
     manifest = draw_manifest(
-        source, dataset=path, split=str(ev.split), subjects=int(ev.subjects),
-        seed=int(ev.seed), **draw,
+        source, dataset=path, split=str(ev.split), protocols=protocols,
+        subjects=int(ev.subjects), seed=int(ev.seed), **draw,
     )  # fmt: skip
-    write_manifest(out / "manifest.json", manifest)
-    return manifest
+    write_manifest(out / filename, manifest)
+    return manifest, str(out / filename)
 
 
-def _manifest_path(config: ml_collections.ConfigDict, out: Path) -> str:
-    return str(config.eval.manifest or out / "manifest.json")
+def _write_video(reenactor: Reenactor, spec: SampleSpec, path: Path, config) -> int:
+    """The sample driven by its first target's whole sequence: prediction | truth | error.
 
-
-def _write_video(reenactor: Reenactor, spec: SampleSpec, path: Path, config) -> None:
-    """The sample driven by its first target's whole sequence: prediction | truth | error."""
+    Self-reenactment renders are composited with the ground-truth masks (the metrics'
+    head region); returns the intersections the rasterizer dropped.
+    """
     ev = config.eval
     frames = reenactor.frames.camera_frames(spec.targets[0], int(ev.video_frames))
     per_call = len(spec.targets)
     chunks = [frames[i : i + per_call] for i in range(0, len(frames), per_call)]
     chunks[-1] = chunks[-1] + [chunks[-1][-1]] * (per_call - len(chunks[-1]))
     specs = [dataclasses.replace(spec, targets=tuple(c)) for c in chunks]
-    predictions, truths = [], []
+    predictions, truths, dropped = [], [], 0
     for batch in reenactor.batches(specs):
-        predictions.append(batch.predictions.reshape(-1, *batch.predictions.shape[2:]))
-        truths.append(batch.composited_targets.reshape(-1, *batch.predictions.shape[2:]))
+        shown = batch.predictions if spec.driver else batch.composited_predictions
+        predictions.append(shown.reshape(-1, *shown.shape[2:]))
+        truths.append(batch.composited_targets.reshape(-1, *shown.shape[2:]))
+        dropped += batch.dropped
     prediction = np.concatenate(predictions)[: len(frames)]
     truth = None if spec.driver else np.concatenate(truths)[: len(frames)]
     write_video(path, grids.sequence_frames(prediction, truth), fps=int(ev.video_fps))
+    return dropped
 
 
 def _reenactor(trained: TrainedModel, source: Any) -> Reenactor:
@@ -191,30 +223,26 @@ def run_protocol(
         for i, spec in enumerate(batch.specs):
             if not pictures or written >= int(ev.grids):
                 break
-            truth = None if spec.driver else batch.composited_targets[i]
-            grid = grids.sample_grid(
-                batch.sources[i], batch.view_mask[i], batch.predictions[i], truth
-            )
-            grids.write_png(pictures_dir / f"{written:03d}_{sample_id(spec)}.png", grid)
+            if spec.driver:  # no ground truth: the render as it is
+                shown, truth = batch.predictions[i], None
+            else:  # the metrics' head region: both composited with the ground-truth mask
+                shown, truth = batch.composited_predictions[i], batch.composited_targets[i]
+            grid = grids.sample_grid(batch.sources[i], batch.view_mask[i], shown, truth)
+            write_png(pictures_dir / f"{written:03d}_{sample_id(spec)}.png", grid)
             written += 1
     progress.close()
-    if scorer.dropped:
-        logging.warning(
-            "%s: the rasterizer dropped %d intersections (capacity overflow)",
-            protocol,
-            scorer.dropped,
-        )
+    dropped = scorer.dropped
     if pictures:
         videos = out / "videos" / protocol
         videos.mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(specs[: int(ev.videos)]):
-            _write_video(reenactor, spec, videos / f"{i:03d}_{sample_id(spec)}.mp4", config)
-    return scorer.result(name or protocol, manifest), scorer.dropped
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    with atomic_write(path) as f:
-        f.write(json.dumps(document, indent=1, sort_keys=True).encode())
+            path = videos / f"{i:03d}_{sample_id(spec)}.mp4"
+            dropped += _write_video(reenactor, spec, path, config)
+    if dropped:
+        logging.warning(
+            "%s: the rasterizer dropped %d intersections (capacity overflow)", protocol, dropped
+        )
+    return scorer.result(name or protocol, manifest), dropped
 
 
 def _info(trained: TrainedModel) -> dict[str, Any]:
@@ -232,7 +260,7 @@ def evaluate_metrics(trained: TrainedModel, out: Path) -> list[report.ProtocolRe
     path = dataset_path(config)
     source = open_source(path, fingerprint=trained.fingerprint)
     protocols = protocols_of(config)
-    manifest = _manifest(
+    manifest, manifest_path = _manifest(
         config, source, path, out, protocols=protocols,
         num_sources=int(config.eval.num_sources or config.model.num_views),
         num_targets=int(config.eval.num_targets or config.model.num_drive),
@@ -244,7 +272,7 @@ def evaluate_metrics(trained: TrainedModel, out: Path) -> list[report.ProtocolRe
     for p in protocols:
         result, dropped[p] = run_protocol(
             reenactor, p, manifest.protocols[p], out=out, image_metrics=image_metrics,
-            faces=faces, manifest=_manifest_path(config, out),
+            faces=faces, manifest=manifest_path,
         )  # fmt: skip
         results.append(result)
     info = {**_info(trained), "rasterizer_dropped": dropped}
@@ -275,9 +303,9 @@ def evaluate_scaling(trained: TrainedModel, out: Path) -> dict[str, Any]:
         )
     path = dataset_path(config)
     source = open_source(path, fingerprint=trained.fingerprint)
-    manifest = _manifest(
-        config, source, path, out, protocols=("self_multi",), num_sources=views[-1],
-        num_targets=int(config.eval.num_targets or m.num_drive),
+    manifest, manifest_path = _manifest(
+        config, source, path, out, protocols=("self_multi",), filename="scaling_manifest.json",
+        num_sources=views[-1], num_targets=int(config.eval.num_targets or m.num_drive),
     )  # fmt: skip
     specs = manifest.protocols["self_multi"]
     image_metrics = ImageMetricEvaluator()
@@ -287,21 +315,27 @@ def evaluate_scaling(trained: TrainedModel, out: Path) -> dict[str, Any]:
         subset = [dataclasses.replace(s, sources=s.sources[:n]) for s in specs]
         row, dropped[n] = run_protocol(
             reenactor, "self_multi", subset, out=out, image_metrics=image_metrics,
-            faces=None, manifest=_manifest_path(config, out), name=f"N={n}", pictures=False,
+            faces=None, manifest=manifest_path, name=f"N={n}", pictures=False,
         )  # fmt: skip
         rows.append(row)
     means = {
         metric: [r.mean(metric) for r in rows]
         for metric in ("psnr", "ssim", "ssim_valid", "lpips_vgg", "lpips_alex")
     }
-    scaling_plot.write_scaling_report(out, views, means, rows=rows)
+    short = {n: sum(len(s.sources) < n for s in specs) for n in views}
+    note = "; ".join(
+        f"N={n}: {k} of {len(specs)} samples had fewer sources" for n, k in short.items() if k
+    )
+    if note:
+        logging.warning("scaling: short sequences: %s", note)
+    scaling_plot.write_scaling_report(out, views, means, rows=rows, note=note or None)
     report.write_metrics_json(
         out / "scaling.json",
         rows,
         info={
             **_info(trained),
             "views": views,
-            "fewest_sources_available": min(len(s.sources) for s in specs),
+            "samples_with_fewer_sources": short,
             "rasterizer_dropped": dropped,
         },
     )
@@ -315,20 +349,18 @@ def evaluate_ablations(config: ml_collections.ConfigDict, out: Path) -> list[rep
         raise ValueError("eval.mode=ablations needs eval.ablation_workdirs (the runs to compare)")
     protocols = protocols_of(config)
     rows, dropped = [], {}
-    manifest_path = config.eval.manifest or str(out / "manifest.json")
+    manifest = manifest_path = None
     image_metrics = ImageMetricEvaluator()
     faces = None
-    for workdir in workdirs:
+    for index, workdir in enumerate(workdirs):
         run_config = load_trained_model_config(workdir, config)
         trained = load_trained_model(workdir, run_config)
         if faces is None:
             faces = face_backends(trained)
         path = dataset_path(trained.config)
         source = open_source(path, fingerprint=trained.fingerprint)
-        if Path(manifest_path).is_file():
-            manifest = read_manifest(manifest_path)
-        else:
-            manifest = _manifest(
+        if manifest is None:  # drawn (or read) once: every run on the same frames
+            manifest, manifest_path = _manifest(
                 trained.config, source, path, out, protocols=protocols,
                 num_sources=int(config.eval.num_sources or trained.config.model.num_views),
                 num_targets=int(config.eval.num_targets or trained.config.model.num_drive),
@@ -338,7 +370,7 @@ def evaluate_ablations(config: ml_collections.ConfigDict, out: Path) -> list[rep
             name = f"{trained.config.name} ({Path(workdir).name})"
             name = name if len(protocols) == 1 else f"{name} {p}"
             row, dropped[name] = run_protocol(
-                reenactor, p, manifest.protocols[p], out=out / "runs" / Path(workdir).name,
+                reenactor, p, manifest.protocols[p], out=out / "runs" / f"{index}",
                 image_metrics=image_metrics, faces=faces, manifest=manifest_path, name=name,
                 pictures=False,
             )  # fmt: skip
@@ -355,7 +387,7 @@ def evaluate_ablations(config: ml_collections.ConfigDict, out: Path) -> list[rep
 def load_trained_model_config(
     workdir: str, config: ml_collections.ConfigDict
 ) -> ml_collections.ConfigDict:
-    """A run's own saved config with this evaluation's `eval` and `render` blocks."""
+    """A run's own saved config with this evaluation's `eval` block."""
     run_config = saved_config(workdir)
     run_config.eval = config.eval
     return run_config
@@ -368,7 +400,7 @@ def evaluate_speed(trained: TrainedModel, out: Path) -> dict[str, Any]:
         views=tuple(int(n) for n in trained.config.eval.scaling_views),
     )  # fmt: skip
     document = {**_info(trained), **speed.to_dict()}
-    _write_json(out / "speed.json", document)
+    write_json(out / "speed.json", document)
     with atomic_write(out / "speed.md") as f:
         f.write(speed.to_markdown().encode())
     return document

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from uika_jax.evaluation.grids import write_png
 from uika_jax.evaluation.report import HEAD_REGION_NOTE, ProtocolResult, footnote_line, metric_spec
-from uika_jax.safe_files import atomic_write
+from uika_jax.safe_files import atomic_write, write_png
 
 FAMILIES = (
     ("PSNR (dB)", ("psnr",)),
@@ -296,6 +295,7 @@ def write_scaling_report(
     stem: str = "view_scaling",
     width: int = 1200,
     height: int = 400,
+    note: str | None = None,
 ) -> tuple[Path, Path]:
     """Writes `<stem>.png` (the plot) and `<stem>.md` (table, PSNR sentence, region note).
 
@@ -308,6 +308,8 @@ def write_scaling_report(
       stem: the files' name without extension.
       width: the plot's width in pixels.
       height: the plot's height in pixels.
+      note: a caveat printed under the PSNR sentence (e.g. samples with fewer sources
+        than N).
 
     Returns:
       (png path, markdown path), both written atomically.
@@ -321,6 +323,8 @@ def write_scaling_report(
     parts = ["## Quality against the number of source views", "", table]
     if "psnr" in metrics:
         parts += [psnr_change_sentence(views, metrics["psnr"]), ""]
+    if note:
+        parts += [f"Note: {note}.", ""]
     parts += [HEAD_REGION_NOTE, ""]
     if rows is not None:
         parts += [footnote_line(rows, m) for m in metrics] + [""]

@@ -24,7 +24,6 @@ from uika_jax.evaluation.image_metrics import IMAGE_METRIC_BACKENDS, ImageMetric
 from uika_jax.evaluation.manifest import SampleSpec, is_cross
 from uika_jax.evaluation.reenactment import RenderedBatch
 from uika_jax.evaluation.report import ProtocolResult
-from uika_jax.training.losses import composite
 
 FACE_METRICS = {"CSIM": "csim", "AKD": "akd", "APD": "apd", "AED": "aed"}
 """`face_metrics`' names -> the report's metric keys."""
@@ -96,8 +95,7 @@ class ProtocolScorer:
             first_source = batch.sources[:, :1]
             identity = np.broadcast_to(first_source, (b, f, *size)).reshape(b * f, *size)
         else:
-            masks = batch.target_masks
-            predictions = np.asarray(composite(batch.predictions, masks, self.background))
+            predictions = batch.composited_predictions
             motion = batch.composited_targets
             identity = None
         metrics = face_metrics(
@@ -105,6 +103,7 @@ class ProtocolScorer:
             motion.reshape(b * f, *size),
             self.faces,
             identity_references=identity,
+            K=batch.target_intrinsics.reshape(b * f, 3, 3),
         )
         out = {}
         for name, metric in metrics.items():

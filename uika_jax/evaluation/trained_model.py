@@ -198,8 +198,9 @@ def load_trained_model(
         step = checkpointer.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
-        stage = ts.stage_of_step(config, min(step, ts.total_steps(config) - 1))
-        abstract = ts.abstract_state(make_model, stage, ts.optimizer_of(config, stage))
+        # The state's layout (stage, optimizer) is the checkpoint's own schedule's.
+        stage = ts.stage_of_step(saved, min(step, ts.total_steps(saved) - 1))
+        abstract = ts.abstract_state(make_model, stage, ts.optimizer_of(saved, stage))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
         restored = checkpointer.restore(abstract_like(abstract, shardings), step=step)

@@ -76,7 +76,7 @@ from uika_jax.models import vit_layers
 from uika_jax.models.dpt import CONV_INIT
 from uika_jax.models.frozen import ParamType
 
-HEAD_NAMES = ("conv_in", "gaussian_attr")
+HEAD_NAMES = ("texel", "gaussian_attr")
 """Logical names of an attribute layer's (in, out) axes."""
 
 

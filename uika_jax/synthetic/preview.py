@@ -17,9 +17,8 @@ import dataclasses
 import os
 
 import numpy as np
-from PIL import Image
 
-from uika_jax.safe_files import atomic_write
+from uika_jax.safe_files import write_png
 from uika_jax.synthetic.albedo import synthetic_albedo
 from uika_jax.synthetic.head import synthetic_head_model
 from uika_jax.synthetic.views import render_identity
@@ -96,16 +95,6 @@ def make_contact_sheet(
     return np.round(np.concatenate(rows, axis=0) * 255.0).astype(np.uint8)
 
 
-def write_png(image: np.ndarray, path: str) -> None:
-    """Writes an image atomically (`uika_jax.safe_files.atomic_write`).
-
-    Raises:
-      FileNotFoundError: if the folder of `path` does not exist (it is not created).
-    """
-    with atomic_write(path) as f:
-        Image.fromarray(image).save(f, format="PNG")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -119,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         parser.error(f"--out {args.out}: folder {folder} does not exist")
-    write_png(make_contact_sheet(args.identities, args.size, args.first_seed), args.out)
+    write_png(args.out, make_contact_sheet(args.identities, args.size, args.first_seed))
     print(f"wrote {args.out}: {args.identities} identities x {len(COLUMNS)} columns")
 
 

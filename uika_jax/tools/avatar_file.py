@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from uika_jax.head.anchors import Anchors
+from uika_jax.head.io import load_head_model
 from uika_jax.head.model import HeadModel
 from uika_jax.models.gaussians import CanonicalGaussians
 from uika_jax.safe_files import MAX_STRING_CHARS, read_npz, write_npz
+from uika_jax.synthetic.head import synthetic_head_model
 
 FORMAT, VERSION = "uika-avatar", 1
 
@@ -48,6 +50,9 @@ MAX_GAUSSIANS = 4_000_000
 
 MAX_CONFIG_BYTES = 1 << 20
 """The largest config an avatar file may carry."""
+
+MAX_CAPACITY = 1 << 28
+"""The largest rasterizer capacity (`render.capacity`, `render.tile_cap`) a file may ask for."""
 
 _FLOAT_FIELDS = {
     "means": (3,),
@@ -118,6 +123,31 @@ class Avatar:
             pred_colors=batch(self.colors),
             aggr_colors=jnp.zeros_like(batch(self.colors)),
         )
+
+    def head_model(self, head: HeadModel | None = None, origin: str = "the avatar") -> HeadModel:
+        """`head`, else the head model the config names, checked against the avatar.
+
+        The config's `head.model_path` names a FLAME file; empty: the built-in head.
+        `check_head` compares the fingerprints.
+
+        Raises:
+          FileNotFoundError: if the config names a model file that is not there.
+          AvatarFileError: if the head model is not the avatar's.
+        """
+        if head is None:
+            names = self.config.get("head") or {}
+            model_path = names.get("model_path")
+            if not model_path:
+                head = synthetic_head_model()
+            elif not os.path.isfile(model_path):
+                raise FileNotFoundError(
+                    f"{model_path}: the head model {origin} names (config head.model_path) is "
+                    "not there; pass --head-model PATH"
+                )
+            else:
+                head = load_head_model(model_path, names.get("uv_path") or None)
+        self.check_head(head, origin)
+        return head
 
     def check_head(self, head: HeadModel, origin: str = "the avatar") -> None:
         """Refuses a head model other than the avatar's (fingerprint and anchor triangles).
@@ -272,12 +302,18 @@ def read_avatar(path: str | os.PathLike) -> Avatar:
         raise AvatarFileError(f"{origin}: config_json is not UTF-8 JSON ({error})") from error
     if not isinstance(config, dict):
         raise AvatarFileError(f"{origin}: config_json is not a JSON object")
+    _check_config(config, origin)
     for name in _FLOAT_FIELDS:
         if arrays[name].dtype.kind != "f":
             raise AvatarFileError(f"{origin}: {name} is {arrays[name].dtype}, not float")
     for name in _INT_FIELDS:
         if arrays[name].dtype.kind not in "iu":
             raise AvatarFileError(f"{origin}: {name} is {arrays[name].dtype}, not integer")
+    for name in _INT_FIELDS:  # before narrowing to int32, which would wrap
+        values = arrays[name]
+        if values.size and (values.min() < -1 or values.max() > np.iinfo(np.int32).max):
+            what = name.replace("_", " ")
+            raise AvatarFileError(f"{origin}: {what} hold values outside [-1, 2^31)")
     avatar = Avatar(
         means=np.asarray(arrays["means"], np.float32),
         offsets=np.asarray(arrays["offsets"], np.float32),
@@ -297,6 +333,48 @@ def read_avatar(path: str | os.PathLike) -> Avatar:
     )
     _validate(avatar, origin)
     return avatar
+
+
+def _check_config(config: dict[str, Any], origin: str) -> None:
+    """The `head` and `render` settings the tools read: types and bounds."""
+
+    def block(name: str) -> dict[str, Any]:
+        value = config.get(name) or {}
+        if not isinstance(value, dict):
+            raise AvatarFileError(f"{origin}: config {name} is not a JSON object")
+        return value
+
+    def fail(key: str, value: Any, want: str) -> None:
+        raise AvatarFileError(f"{origin}: config {key}={value!r}: expected {want}")
+
+    for key in ("model_path", "uv_path"):
+        value = block("head").get(key)
+        if value is not None and not isinstance(value, str):
+            fail(f"head.{key}", value, "a path or null")
+    render = block("render")
+    for key in ("capacity", "tile_cap"):
+        value = render.get(key)
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CAPACITY
+        ):
+            fail(f"render.{key}", value, f"null or an integer in [1, {MAX_CAPACITY}]")
+    headroom = render.get("capacity_headroom")
+    if headroom is not None and not (
+        isinstance(headroom, (int, float))
+        and not isinstance(headroom, bool)
+        and 1 <= headroom <= 16
+    ):
+        fail("render.capacity_headroom", headroom, "null or a number in [1, 16]")
+    backend = render.get("backend")
+    if backend is not None and not (isinstance(backend, str) and len(backend) <= 64):
+        fail("render.backend", backend, "null or a backend name")
+    background = render.get("background")
+    if background is not None and not (
+        isinstance(background, list)
+        and len(background) == 3
+        and all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in background)
+    ):
+        fail("render.background", background, "null or three numbers in [0, 1]")
 
 
 def _validate(avatar: Avatar, origin: str) -> None:

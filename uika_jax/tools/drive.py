@@ -43,7 +43,6 @@ import numpy as np
 from tqdm import tqdm
 
 from uika_jax.head.anchors import Anchors
-from uika_jax.head.io import load_head_model
 from uika_jax.head.lbs import FlameParams
 from uika_jax.head.model import HeadModel
 from uika_jax.models.avatar import Rendered, drive, render
@@ -52,8 +51,7 @@ from uika_jax.render import RasterConfig
 from uika_jax.render.camera import framing_camera
 from uika_jax.render.capacity import calibrate_capacity
 from uika_jax.render.rasterize import overflow_message
-from uika_jax.synthetic.head import synthetic_head_model
-from uika_jax.synthetic.preview import write_png
+from uika_jax.safe_files import write_png
 from uika_jax.tools.avatar_file import Avatar, read_avatar
 from uika_jax.tools.head_option import add_head_model_arguments, head_model_from_args
 from uika_jax.tools.motion_option import add_motion_arguments, motion_from_args
@@ -84,24 +82,6 @@ class DriveSummary:
     capacity: int
     rerendered_chunks: int
     overflow_frames: int
-
-
-def head_from_config(config: dict) -> HeadModel:
-    """The head model an avatar's config names (`head.model_path`; empty: the built-in head).
-
-    Raises:
-      FileNotFoundError: if the config names a model file that is not there.
-    """
-    head = config.get("head") or {}
-    model_path = head.get("model_path")
-    if not model_path:
-        return synthetic_head_model()
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(
-            f"{model_path}: the avatar's head model (config head.model_path) is not there; "
-            "pass --head-model PATH"
-        )
-    return load_head_model(model_path, head.get("uv_path"))
 
 
 def parse_background(text: str) -> tuple[float, float, float]:
@@ -303,8 +283,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_options(args)
         avatar = read_avatar(args.avatar)
-        head = head_model_from_args(args) or head_from_config(avatar.config)
-        avatar.check_head(head, origin=args.avatar)
+        head = avatar.head_model(head_model_from_args(args), origin=args.avatar)
         params = motion_from_args(args, head, fps=args.fps)
         config_background = (avatar.config.get("render") or {}).get("background")
         if args.background is not None:
@@ -350,5 +329,5 @@ def run(args: argparse.Namespace) -> int:
 def _saved(frames: Iterator[np.ndarray], folder: Path) -> Iterator[np.ndarray]:
     """Passes the frames on, writing each to folder/NNNNNN.png first."""
     for index, frame in enumerate(frames):
-        write_png(frame, str(folder / f"{index:06d}.png"))
+        write_png(folder / f"{index:06d}.png", frame)
         yield frame

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uika_jax.head.io import load_head_model
 from uika_jax.head.model import HeadModel
 from uika_jax.tools.animatable import flame_notice, write_animatable
-from uika_jax.tools.avatar_file import Avatar, AvatarFileError, read_avatar
+from uika_jax.tools.avatar_file import Avatar, read_avatar
 from uika_jax.tools.head_option import add_head_model_arguments, head_model_from_args
 from uika_jax.tools.motion_option import add_motion_arguments, motion_from_args
 from uika_jax.tools.splat_formats import FORMATS, write_splats
@@ -50,24 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_motion_arguments(parser, required=False)
     add_head_model_arguments(parser)
-
-
-def avatar_head(avatar: Avatar, args: argparse.Namespace, origin: str) -> HeadModel:
-    """The head model of `--head-model`, else of the avatar's config; checked against it."""
-    head = head_model_from_args(args)
-    if head is None:
-        config_head = avatar.config.get("head", {})
-        if not isinstance(config_head, dict):
-            raise AvatarFileError(f"{origin}: the config's head entry is not a JSON object")
-        model_path = config_head.get("model_path") or ""
-        if model_path:
-            head = load_head_model(model_path, config_head.get("uv_path") or None)
-        else:
-            from uika_jax.synthetic.head import synthetic_head_model
-
-            head = synthetic_head_model()
-    avatar.check_head(head, origin)
-    return head
 
 
 def posed_splats(
@@ -105,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         avatar = read_avatar(args.avatar)
-        head = avatar_head(avatar, args, args.avatar)
+        head = avatar.head_model(head_model_from_args(args), origin=args.avatar)
         if args.out is not None:
             if args.frame is None:
                 means, quats = avatar.means, avatar.quats

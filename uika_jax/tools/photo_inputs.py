@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from uika_jax.data.framing import SquareCrop, crop_square
-from uika_jax.video import VideoError, read_video_frames
+from uika_jax.video import VideoError, evenly_spaced, read_video_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 """Photo files read (any case)."""
@@ -240,13 +240,6 @@ class FaceFramer:
         crop = head_crop(landmarks)
         image = crop_square(source.pixels, crop, self.size, is_mask=False)
         return FramedView(source.name, image, crop, landmarks)
-
-
-def evenly_spaced(count: int, keep: int) -> np.ndarray:
-    """Indices of `keep` of `count` items spread evenly, first and last included."""
-    if count <= keep:
-        return np.arange(count)
-    return np.round(np.linspace(0, count - 1, keep)).astype(int)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,14 +32,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from uika_jax.evaluation.face_models import FaceBackendError
 from uika_jax.evaluation.trained_model import TrainedModel, load_trained_model, saved_config
 from uika_jax.head.io import HeadModelFileError
 from uika_jax.head.uv_raster import uv_rasterize
 from uika_jax.models.avatar import AvatarOutput
-from uika_jax.safe_files import atomic_write
+from uika_jax.safe_files import write_png
 from uika_jax.tools.avatar_file import (
     Avatar,
     AvatarFileError,
@@ -157,11 +156,6 @@ def _max_views(requested: int | None, model_views: int) -> int:
     return requested
 
 
-def _write_png(path: Path, picture: np.ndarray) -> None:
-    with atomic_write(path) as handle:
-        Image.fromarray(picture).save(handle, format="PNG")
-
-
 def _reconstruct(args: argparse.Namespace) -> str:
     """The command's work; returns the summary line."""
     run_dir = Path(args.ckpt)
@@ -174,6 +168,10 @@ def _reconstruct(args: argparse.Namespace) -> str:
     for path, flag in ((out, "--out"), (coverage, "--coverage")):
         if not path.parent.is_dir():
             raise FileNotFoundError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if coverage.resolve() == out.resolve():
+        raise InputError(
+            f"--coverage {coverage} is the avatar file (--out): give the picture another name"
+        )
     config = saved_config(run_dir, args.step)
     num_views = int(config.model.num_views)
     max_views = _max_views(args.max_views, num_views)
@@ -199,7 +197,7 @@ def _reconstruct(args: argparse.Namespace) -> str:
     write_avatar(out, avatar)
     title = f"{len(views)} view(s), {run_dir.name} step {trained.step}"
     picture, seen = coverage_image(trained, output, views, title)
-    _write_png(coverage, picture)
+    write_png(coverage, picture)
     return (
         f"wrote {out} ({avatar.num_gaussians} Gaussians from {len(views)} view(s)) and "
         f"{coverage} ({100 * seen:.0f}% of the head's texels seen by a view)"
