@@ -18,9 +18,10 @@ built sharded by `train_state.init_state` over a (data, fsdp, tensor) mesh of ev
 global device, the global batches of `Pipeline` / `GlobalBatchIterator`, the replicated
 `StepAssets` (head model, anchors), and `make_train_step` jitted as the loop jits it
 (state donated, the state's shardings as outputs, under `jax.set_mesh`) with a fixed
-rasterizer capacity: `--estimator_steps` steps of the estimator stage, `restage`, then
-`--avatar_steps` steps of the avatar stage. Each process writes the metrics of every
-step (global scalars: every process must see the same) to `--out` as JSON.
+rasterizer capacity: `--estimator_steps` steps of the estimator stage, `restage` (none
+without estimator steps), then `--avatar_steps` steps of the avatar stage. Each process
+writes the metrics of every step (global scalars: every process must see the same) to
+`--out` as JSON.
 
 Gloo gives a process 30 s (fixed in jax 0.10.2's XLA, not a flag) to find its peers
 when a collective first runs: processes that reach it further apart fail with
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     with jax.set_mesh(mesh):
         for step in range(total):
             batch = next(batches)
-            if step == ts.stage_range(config, ts.STAGES[0])[1]:  # as loop.py: restage
+            if 0 < step == ts.stage_range(config, ts.STAGES[0])[1]:  # as loop.py: restage
                 stage = ts.stage_of_step(config, step)
                 tx = ts.optimizer_of(config, stage)
                 state, shardings = ts.restage(state, graphdef, stage, tx, mesh, rules)
