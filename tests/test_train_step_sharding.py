@@ -24,13 +24,12 @@ rule).
    for XLA:CPU with the tests' fast options, and `gaussian_gathers` parses every
    all-gather of the compiled HLO (`all-gather` and async `all-gather-start`, tuple
    results included): a gather whose result has a dim that is a multiple of K is a
-   per-Gaussian gather. It is a fault if it gathers along that dim or any dim before it
-   (the Gaussians themselves, or the batch of scenes: a device would then hold other
-   devices' Gaussians). Gathers along a trailing feature dim are the tensor parallelism
-   of the decoder's per-anchor MLP (a device's own scenes, channels split over
-   "tensor"): allowed, and counted. The negative controls run the same checker on small
-   jitted functions that replicate batch-sharded Gaussians (flagged) or gather their
-   channels (allowed).
+   per-Gaussian gather, whichever dim it gathers: the Gaussians themselves, the batch of
+   scenes (a device would hold other devices' Gaussians) or their features (the
+   decoder's per-anchor features are replicated, logical axis "texel", so none need
+   gathering). The controls run the same checker on small jitted functions that
+   replicate batch-sharded Gaussians or gather their channels (both flagged) and on one
+   that keeps them local (nothing flagged).
 2. Kernels in shard_map (`test_pallas_kernels_lower_inside_shard_map`): the avatar step
    with the "pallas" rasterizer backend (`jax.lax.platform_dependent`: the Triton kernel
    on CUDA, the Mosaic kernel on TPU) is traced once under an abstract 2 x 2 x 2 mesh of
@@ -134,22 +133,19 @@ def all_gathers(hlo: str) -> list[tuple[str, list[tuple[int, ...]], tuple[int, .
     return found
 
 
-def gaussian_gathers(hlo: str, k: int) -> tuple[list[str], list[str]]:
-    """(faults, allowed): all-gathers with a per-Gaussian result, as "name shape dims".
+def gaussian_gathers(hlo: str, k: int) -> list[str]:
+    """All-gathers with a per-Gaussian result, as "name shape gathered dims".
 
-    A result dim that is a nonzero multiple of `k` marks a per-Gaussian array (K, or
-    K times a batch or channel count flattened into it). Gathering along that dim or one
-    before it is a fault; along a later dim (features) it is allowed (module docstring).
+    A result dim that is a nonzero multiple of `k` marks a per-Gaussian array (K, or K
+    times a batch or channel count flattened into it); gathering it along any dim is a
+    fault (module docstring).
     """
-    faults, allowed = [], []
+    faults = []
     for name, shapes, gathered in all_gathers(hlo):
         for shape in shapes:
-            k_dims = [i for i, d in enumerate(shape) if d % k == 0 and d > 0]
-            if not k_dims:
-                continue
-            text = f"{name} {shape} gathered {gathered}"
-            (faults if min(gathered) <= k_dims[0] else allowed).append(text)
-    return faults, allowed
+            if any(d % k == 0 and d > 0 for d in shape):
+                faults.append(f"{name} {shape} gathered {gathered}")
+    return faults
 
 
 _KERNEL_NAME = re.compile(r'\b(?:kernel_)?name = "([\w.\-]+)"')
@@ -330,44 +326,46 @@ def _cross_lowered() -> dict[str, str]:
 # ----------------------------------------------------------------------------- tests
 
 
-def _gaussians_program(replicate: bool) -> str:
-    """Compiled HLO of a loss on batch-sharded (B, K, 8) Gaussians; `replicate`: the
-    Gaussians are constrained to be replicated (a per-Gaussian gather), else only their
-    channels are gathered (split over "tensor" first)."""
+def _gaussians_program(mode: str) -> str:
+    """Compiled HLO of a loss on batch-sharded (B, K, 8) Gaussians that `mode`:
+    "replicate"s them, gathers their "channels" (split over "tensor" first), or keeps
+    them "local"."""
     mesh = sharding.make_mesh(MESH_SHAPE)
     batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     channels = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))
     x = jax.ShapeDtypeStruct((4, K, 8), jnp.float32, sharding=batch)
 
     def loss(x):
-        if replicate:
+        if mode == "replicate":
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
             return jnp.sum(jnp.sin(x) * jnp.flip(x, 0))
-        y = jax.lax.with_sharding_constraint(jnp.sin(x), channels)
-        y = jax.lax.with_sharding_constraint(y, batch)
+        y = jnp.sin(x)
+        if mode == "channels":
+            y = jax.lax.with_sharding_constraint(y, channels)
+            y = jax.lax.with_sharding_constraint(y, batch)
         return jnp.sum(y * jnp.flip(y, -1))
 
     with jax.set_mesh(mesh):
         return jax.jit(loss, compiler_options=FAST_COMPILE).lower(x).compile().as_text()
 
 
-def test_gather_checker_flags_replicated_gaussians():
-    faults, _ = gaussian_gathers(_gaussians_program(replicate=True), K)
-    assert faults and all(f"{K}" in f for f in faults)
-    faults, allowed = gaussian_gathers(_gaussians_program(replicate=False), K)
-    assert not faults and allowed
+def test_gather_checker_flags_replicated_gaussians_and_gathered_channels():
+    for mode in ("replicate", "channels"):
+        faults = gaussian_gathers(_gaussians_program(mode), K)
+        assert faults and all(f"{K}" in f for f in faults), mode
+    assert not gaussian_gathers(_gaussians_program("local"), K)
 
 
 def test_avatar_step_gathers_no_gaussians():
     compiled, seconds = _compiled_avatar_step()
     hlo = compiled.as_text()
     gathers = all_gathers(hlo)
-    faults, allowed = gaussian_gathers(hlo, K)
+    faults = gaussian_gathers(hlo, K)
     memory = compiled.memory_analysis()
     gib = 1 << 30
     print(
-        f"\navatar step, 2x2x2 mesh, compile {seconds:.0f} s: {len(gathers)} all-gathers, "
-        f"{len(allowed)} of per-Gaussian features (allowed): {allowed}; per device: "
+        f"\navatar step, 2x2x2 mesh, compile {seconds:.0f} s: {len(gathers)} all-gathers; "
+        f"per device: "
         f"arguments {memory.argument_size_in_bytes / gib:.3f} GiB, outputs "
         f"{memory.output_size_in_bytes / gib:.3f} GiB, temporaries "
         f"{memory.temp_size_in_bytes / gib:.3f} GiB"
