@@ -21,12 +21,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from uika_jax import entry_point
 from uika_jax.evaluation.runner import evaluate
 from uika_jax.evaluation.trained_model import saved_config
-from uika_jax.quiet_logs import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the trained run's folder")
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint's step (default: the newest)")
+_CACHE = entry_point.define_compilation_cache_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> None:
     """Evaluates the run in --workdir with --config's evaluation settings."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
+    entry_point.setup(_CACHE.value)
     out = evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value)
     logging.info("evaluation written to %s", out)
 

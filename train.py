@@ -9,13 +9,10 @@ environment variables; TPU pods and SLURM are detected). The logic is in
 `uika_jax.training.loop`.
 """
 
-import os
-
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from uika_jax.quiet_logs import quiet_library_logs
+from uika_jax import entry_point
 from uika_jax.training import distributed
 from uika_jax.training.loop import train
 
@@ -26,12 +23,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the process count")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache",
-    os.path.expanduser("~/.cache/uika_jax/jax_compilation_cache"),
-    "folder of JAX's persistent compilation cache (a rerun or a resumed run skips "
-    "compiling); empty: off",
-)
+_CACHE = entry_point.define_compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,9 +31,7 @@ def main(argv: list[str]) -> None:
     """Initialises the processes and trains the run of --config in --workdir."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    entry_point.setup(_CACHE.value)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     result = train(_CONFIG.value, _WORKDIR.value)
     logging.info("stopped at step %d%s", result.step, " (preempted)" if result.preempted else "")
