@@ -224,8 +224,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.identity_model = placeholder(str)  # an ArcFace ONNX file for CSIM; None: dlib's ResNet
     ev.expression_regressor = placeholder(str)  # an ONNX expression regressor for AED; None: n/a
     ev.landmark_embedding = placeholder(str)  # the head model's 68 landmarks (FLAME); APD needs it
-    ev.grids = 8  # per-sample picture grids per protocol
-    ev.videos = 2  # driven-sequence videos per protocol
+    ev.grids = placeholder(int)  # per-sample picture grids per protocol; None: every sample
+    ev.videos = placeholder(int)  # driven-sequence videos per protocol; None: every sample
     ev.video_frames = 64
     ev.video_fps = 25
 

@@ -192,6 +192,11 @@ def _reenactor(trained: TrainedModel, source: Any) -> Reenactor:
     )
 
 
+def _limit(setting: int | None, count: int) -> int:
+    """A per-protocol picture count setting: None means all `count` samples."""
+    return count if setting is None else int(setting)
+
+
 def run_protocol(
     reenactor: Reenactor,
     protocol: str,
@@ -221,7 +226,7 @@ def run_protocol(
         scorer.add(batch)
         progress.update(len(batch.specs))
         for i, spec in enumerate(batch.specs):
-            if not pictures or written >= int(ev.grids):
+            if not pictures or written >= _limit(ev.grids, len(specs)):
                 break
             if spec.driver:  # no ground truth: the render as it is
                 shown, truth = batch.predictions[i], None
@@ -235,7 +240,7 @@ def run_protocol(
     if pictures:
         videos = out / "videos" / protocol
         videos.mkdir(parents=True, exist_ok=True)
-        for i, spec in enumerate(specs[: int(ev.videos)]):
+        for i, spec in enumerate(specs[: _limit(ev.videos, len(specs))]):
             path = videos / f"{i:03d}_{sample_id(spec)}.mp4"
             dropped += _write_video(reenactor, spec, path, config)
     if dropped:
