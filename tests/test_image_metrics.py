@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require_oracle
+from ssim_oracle import scipy_ssim_maps
 
 from uika_jax.evaluation import image_metrics as im
 
@@ -25,27 +26,8 @@ def _frames(shape, seed, noise=0.08):
     return pred, target, mask
 
 
-def _scipy_ssim_maps(a, b):
-    """SSIM maps (N, H, W, C) in float64: 11x11 Gaussian sigma 1.5, zeros outside (SAME)."""
-    ndimage = require_oracle("scipy.ndimage")
-
-    def blur(x):
-        return np.stack(
-            [ndimage.gaussian_filter(im_, 1.5, mode="constant", radius=5, axes=(0, 1)) for im_ in x]
-        )
-
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
-        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    )
-
-
 def _oracle_ssim(a, b, padding):
-    maps = _scipy_ssim_maps(a, b)
+    maps = scipy_ssim_maps(a, b)
     if padding == "VALID":
         maps = maps[:, 5:-5, 5:-5]
     return maps.mean(axis=(1, 2, 3))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require_oracle
+from ssim_oracle import scipy_ssim_maps
 
 from uika_jax.models.correspondence import CorrespondenceOutput
 from uika_jax.training import losses
@@ -24,25 +25,6 @@ def _image_pairs(shape, noise=0.1, seed=0):
     return a, b
 
 
-def _scipy_ssim_maps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """SSIM maps (N, H, W, C) in float64: Gaussian blur with zeros outside (SAME)."""
-    ndimage = require_oracle("scipy.ndimage")
-
-    def blur(x):
-        return np.stack(
-            [ndimage.gaussian_filter(im, 1.5, mode="constant", radius=5, axes=(0, 1)) for im in x]
-        )
-
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
-        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    )
-
-
 def test_ssim_valid_equals_dm_pix():
     dm_pix = require_oracle("dm_pix")
     a, b = _image_pairs((2, 3, 24, 20, 3))
@@ -54,7 +36,7 @@ def test_ssim_valid_equals_dm_pix():
 
 def test_ssim_same_matches_scipy_oracle_with_and_without_weights():
     a, b = _image_pairs((3, 16, 18, 3), seed=1)
-    maps = _scipy_ssim_maps(a, b)
+    maps = scipy_ssim_maps(a, b)
     np.testing.assert_allclose(losses.ssim(a, b), maps.mean(axis=(1, 2, 3)), atol=2e-6)
     weight = np.random.default_rng(2).random((3, 16, 18)).astype(np.float32)
     expected = (weight * maps.mean(-1)).sum((1, 2)) / weight.sum((1, 2))
