@@ -61,7 +61,8 @@ class SequenceParams:
         return out
 
 
-def _check_shape(shape: tuple[int, ...]) -> None:
+def check_sequence_shape(shape: tuple[int, ...]) -> None:
+    """Refuses a sequence array declaring more than `MAX_SEQUENCE_ELEMENTS` (before reading)."""
     if math.prod(shape) > MAX_SEQUENCE_ELEMENTS:
         raise ValueError(f"shape {shape} exceeds {MAX_SEQUENCE_ELEMENTS:,} elements")
 
@@ -104,7 +105,7 @@ def read_sequence(root: str | Path, index: DatasetIndex, subject: str, entry: Se
     raw, _ = read_npz(
         path,
         (*SEQUENCE_KEYS, *OPTIONAL_SEQUENCE_KEYS),
-        check_shape=_check_shape,
+        check_shape=check_sequence_shape,
         max_total_bytes=4 * MAX_SEQUENCE_ELEMENTS,
         error=DatasetFormatError,
     )
@@ -195,7 +196,7 @@ def read_uv(
     raw, _ = read_npz(
         source,
         ("uv",),
-        check_shape=_check_shape,
+        check_shape=check_sequence_shape,
         max_total_bytes=4 * size * size + 1024,
         error=DatasetFormatError,
         origin=origin,

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from uika_jax.data.format import INDEX_FILE, POSE_ROWS, SEQUENCE_FILE
-from uika_jax.data.reader import MAX_SEQUENCE_ELEMENTS
+from uika_jax.data.reader import MAX_SEQUENCE_ELEMENTS, check_sequence_shape
 from uika_jax.data.vhap import (
     SPLIT_TRANSFORMS,
     TRANSFORMS_FILE,
@@ -123,11 +122,6 @@ def _params(
     )
 
 
-def _check_sequence_shape(shape: tuple[int, ...]) -> None:
-    if math.prod(shape) > MAX_SEQUENCE_ELEMENTS:
-        raise ValueError(f"shape {shape} exceeds {MAX_SEQUENCE_ELEMENTS:,} elements")
-
-
 def read_sequence_motion(path: Path, head: HeadModel) -> FlameParams:
     """The FLAME parameters of a dataset sequence's `sequence.npz` (module docstring).
 
@@ -139,7 +133,7 @@ def read_sequence_motion(path: Path, head: HeadModel) -> FlameParams:
     raw, _ = read_npz(
         path,
         keys,
-        check_shape=_check_sequence_shape,
+        check_shape=check_sequence_shape,
         max_total_bytes=4 * MAX_SEQUENCE_ELEMENTS,
         error=MotionError,
     )
