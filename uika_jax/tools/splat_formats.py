@@ -236,7 +236,7 @@ def ply_compressed_bytes(
         color = np.concatenate(
             [
                 _normalized(c, c_low, c_high),
-                (np.float32(1) / (np.float32(1) + np.exp(-opacity_logits[pick])))[:, None],
+                _sigmoid(opacity_logits[pick])[:, None],
             ],
             axis=1,
         )
