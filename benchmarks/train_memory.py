@@ -97,35 +97,13 @@ from uika_jax.render import RasterConfig
 from uika_jax.synthetic.head import synthetic_head_model
 from uika_jax.training import train_state as ts
 from uika_jax.training.losses import load_lpips
-from uika_jax.training.step import StepAssets, make_train_step
+from uika_jax.training.step import StepAssets, abstract_batch, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 """tests/network_fixtures.FAST_COMPILE (not imported: the tests folder is no package)."""
 GIB = float(1 << 30)
 STAGE = "avatar"
-
-
-def batch_layout(config, head, batch: int) -> dict[str, tuple[tuple[int, ...], object]]:
-    """The keys of a global batch the avatar step reads: (shape, dtype) each."""
-    n, s, f = config.model.num_views, config.model.image_size, config.model.num_drive
-    e, betas = head.exprdirs.shape[-1], head.shapedirs.shape[-1]
-    f32 = jnp.float32
-    return {
-        "source_image": ((batch, n, s, s, 3), f32),
-        "source_mask": ((batch, n, s, s), f32),
-        "source_uv": ((batch, n, s, s, 2), f32),
-        "source_uv_valid": ((batch, n, s, s), jnp.bool_),
-        "view_mask": ((batch, n), jnp.bool_),
-        "target_image": ((batch, f, s, s, 3), f32),
-        "target_mask": ((batch, f, s, s), f32),
-        "target_expression": ((batch, f, e), f32),
-        "target_pose": ((batch, f, 5, 3), f32),
-        "target_translation": ((batch, f, 3), f32),
-        "target_viewmat": ((batch, f, 4, 4), f32),
-        "target_intrinsics": ((batch, f, 3, 3), f32),
-        "shape": ((batch, betas), f32),
-    }
 
 
 def compile_step(config, mesh_shape, per_device: int, anchors: int, capacity: int, options):
@@ -153,10 +131,7 @@ def compile_step(config, mesh_shape, per_device: int, anchors: int, capacity: in
     replicated = NamedSharding(mesh, PartitionSpec())
     head = synthetic_head_model()
     spec = PartitionSpec(sharding.batch_axes(rules))
-    inputs = {
-        k: sds(shape, dtype, sharding=NamedSharding(mesh, spec))
-        for k, (shape, dtype) in batch_layout(config, head, batch).items()
-    }
+    inputs = abstract_batch(config, head, batch, NamedSharding(mesh, spec))
     lpips_fn, lpips_params = load_lpips() if float(config.loss.lpips) > 0 else (None, None)
     k = anchors
     assets = StepAssets(

@@ -86,7 +86,7 @@ from uika_jax.models.avatar import UIKA
 from uika_jax.render import RasterConfig, rasterization
 from uika_jax.synthetic.head import synthetic_head_model
 from uika_jax.training import train_state as ts
-from uika_jax.training.step import StepAssets, make_train_step
+from uika_jax.training.step import StepAssets, abstract_batch, make_train_step
 
 K = 20_011
 """Anchors (Gaussians) per sample: a prime, so no other dim of the program is a multiple."""
@@ -254,31 +254,13 @@ def _inputs(mesh):
         shardings = ts.train_state_shardings(abstract, tx, mesh, rules)
     state = jax.tree.map(lambda x, h: sds(x.shape, x.dtype, sharding=h), abstract, shardings)
     head = synthetic_head_model()
-    b, n, s, f = BATCH, config.model.num_views, config.model.image_size, config.model.num_drive
-    e, betas = head.exprdirs.shape[-1], head.shapedirs.shape[-1]
-    f32 = jnp.float32
-    layout = {
-        "source_image": ((b, n, s, s, 3), f32),
-        "source_mask": ((b, n, s, s), f32),
-        "source_uv": ((b, n, s, s, 2), f32),
-        "source_uv_valid": ((b, n, s, s), jnp.bool_),
-        "view_mask": ((b, n), jnp.bool_),
-        "target_image": ((b, f, s, s, 3), f32),
-        "target_mask": ((b, f, s, s), f32),
-        "target_expression": ((b, f, e), f32),
-        "target_pose": ((b, f, 5, 3), f32),
-        "target_translation": ((b, f, 3), f32),
-        "target_viewmat": ((b, f, 4, 4), f32),
-        "target_intrinsics": ((b, f, 3, 3), f32),
-        "shape": ((b, betas), f32),
-    }
     along_batch = NamedSharding(mesh, PartitionSpec(sharding.batch_axes(rules)))
-    batch = {k: sds(shape, dtype, sharding=along_batch) for k, (shape, dtype) in layout.items()}
+    batch = abstract_batch(config, head, BATCH, along_batch)
     anchors = Anchors(
         face_ids=sds((K,), jnp.int32),
-        barycentrics=sds((K, 3), f32),
+        barycentrics=sds((K, 3), jnp.float32),
         texels=sds((K, 2), jnp.int32),
-        positions=sds((K, 3), f32),
+        positions=sds((K, 3), jnp.float32),
         uv_resolution=config.model.decoder.map_size,
     )
     replicated = NamedSharding(mesh, PartitionSpec())

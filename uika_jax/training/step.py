@@ -83,6 +83,48 @@ class StepAssets:
     lpips_params: Any = None
 
 
+def abstract_batch(
+    config: ml_collections.ConfigDict,
+    head: HeadModel,
+    batch_size: int,
+    sharding: jax.sharding.Sharding | None = None,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of a global batch the train step reads, as shapes and dtypes.
+
+    Images and masks are float, as `global_batches.to_unit_float` makes them; used to
+    lower or compile the step without data.
+
+    Args:
+      config: the full config (`model` sizes).
+      head: the head model (its expression and shape coefficient counts).
+      batch_size: B.
+      sharding: every array's sharding (e.g. split along the batch axes), or None.
+    """
+    m = config.model
+    b, n, s, f = batch_size, m.num_views, m.image_size, m.num_drive
+    e, betas, joints = head.num_expression, head.num_shape, head.num_joints
+    f32, boolean = jnp.float32, jnp.bool_
+    layout = {
+        "source_image": ((b, n, s, s, 3), f32),
+        "source_mask": ((b, n, s, s), f32),
+        "source_uv": ((b, n, s, s, 2), f32),
+        "source_uv_valid": ((b, n, s, s), boolean),
+        "view_mask": ((b, n), boolean),
+        "target_image": ((b, f, s, s, 3), f32),
+        "target_mask": ((b, f, s, s), f32),
+        "target_expression": ((b, f, e), f32),
+        "target_pose": ((b, f, joints, 3), f32),
+        "target_translation": ((b, f, 3), f32),
+        "target_viewmat": ((b, f, 4, 4), f32),
+        "target_intrinsics": ((b, f, 3, 3), f32),
+        "shape": ((b, betas), f32),
+    }
+    return {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for key, (shape, dtype) in layout.items()
+    }
+
+
 def target_params(batch: Batch) -> FlameParams:
     """The target frames' FLAME parameters, (B, N_d, ...), with the identity's shape."""
     pose = batch["target_pose"]
